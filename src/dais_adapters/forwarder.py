@@ -1,0 +1,100 @@
+"""HTTP forwarder on urllib3: pooled connections, bounded waits.
+
+Bodies are streamed: urllib3 reads the caller's body in blocks and sends them
+as they come. The upstream's answer is drained and dropped, since the caller
+gets only the status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import urllib3
+from urllib3.exceptions import (
+    HTTPError,
+    NameResolutionError,
+    NewConnectionError,
+)
+from urllib3.exceptions import (
+    TimeoutError as Urllib3Timeout,
+)
+
+from dais_adapters.hooks import ForwarderOptions, hookimpl
+from dais_core.errors import UpstreamTimeout, UpstreamUnreachable
+from dais_core.ports import ForwardRequest
+
+__all__ = ["Urllib3Forwarder"]
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except (NewConnectionError, NameResolutionError) as exc:
+        raise UpstreamUnreachable("the upstream service is unreachable") from exc
+    except Urllib3Timeout as exc:
+        raise UpstreamTimeout("the upstream service did not answer in time") from exc
+    except (HTTPError, OSError) as exc:
+        raise UpstreamUnreachable("the upstream service broke the connection") from exc
+
+
+class Urllib3Forwarder:
+    """Forward requests through one urllib3 pool manager.
+
+    Args:
+        options: Timeouts and pool size.
+    """
+
+    def __init__(self, options: ForwarderOptions) -> None:
+        self.options = options
+        self.pool = urllib3.PoolManager(
+            num_pools=64,
+            maxsize=options.pool_size,
+            block=False,
+            retries=False,
+            timeout=urllib3.Timeout(
+                connect=options.connect_timeout, read=options.read_timeout
+            ),
+        )
+
+    def forward(self, request: ForwardRequest) -> int:
+        """Send ``request`` upstream and return the status.
+
+        Raises:
+            UpstreamUnreachable: No connection, or it broke.
+            UpstreamTimeout: The upstream was too slow.
+        """
+        headers = urllib3.HTTPHeaderDict()
+        for name, value in request.headers:
+            headers.add(name, value)
+        chunked = request.body is not None and request.content_length is None
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+        with _translated():
+            response = self.pool.urlopen(
+                request.method,
+                request.url,
+                body=request.body,
+                headers=headers,
+                chunked=chunked,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                assert_same_host=False,
+            )
+            try:
+                response.drain_conn()
+            finally:
+                response.release_conn()
+        log.debug("%s %s -> %d", request.method, request.url, response.status)
+        return response.status
+
+
+@hookimpl
+def dais_forwarder(options: ForwarderOptions) -> Urllib3Forwarder:
+    """Forward gateway calls with urllib3."""
+    return Urllib3Forwarder(options)

@@ -1,0 +1,142 @@
+"""Local-folder storage: the File Manager as a folder on this machine.
+
+``filemanager://P/inputs/x.csv`` is ``<root>/P/inputs/x.csv``. A staged copy
+is written under ``<root>/.dais-staging`` with a unique name, flushed to disk,
+and renamed over the destination on commit, so readers see the old file or
+the new one whole, never a part. The root must be one filesystem, since a
+rename cannot cross filesystems.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+from dais_adapters.hooks import StorageContext, hookimpl
+from dais_core.errors import PublishFailed
+from dais_core.ports import Storage
+from dais_core.rules import Location
+
+__all__ = ["STAGING_FOLDER", "LocalFolderStorage"]
+
+log = logging.getLogger(__name__)
+
+STAGING_FOLDER = ".dais-staging"
+_SUFFIX = ".part"
+
+
+@contextlib.contextmanager
+def _translated(action: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise PublishFailed(
+            f"the File Manager could not {action}: {exc.strerror}"
+        ) from exc
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _StagedFile:
+    """A staged copy: a private file that becomes the destination on commit."""
+
+    def __init__(self, temp: Path, destination: Path, handle: BinaryIO) -> None:
+        self.temp = temp
+        self.destination = destination
+        self.handle = handle
+
+    def write(self, chunk: bytes) -> None:
+        with _translated("write the file"):
+            self.handle.write(chunk)
+
+    def commit(self) -> None:
+        with _translated("store the file"):
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            os.replace(self.temp, self.destination)
+            _fsync_folder(self.destination.parent)
+        log.debug("committed %s", self.destination)
+
+    def abort(self) -> None:
+        with _translated("drop a staged file"):
+            self.handle.close()
+            self.temp.unlink(missing_ok=True)
+
+
+class LocalFolderStorage:
+    """The ``filemanager`` scheme on a local folder.
+
+    Args:
+        root: The folder that holds one subfolder per project.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.staging = root / STAGING_FOLDER
+
+    def path_of(self, location: Location) -> Path:
+        """Return the file a location names, checked to stay under the root.
+
+        Raises:
+            PublishFailed: The location is a folder, or resolves (through a
+                symbolic link, say) outside the root.
+        """
+        if location.is_folder:
+            raise PublishFailed(f"{location.uri} names a folder, not a file")
+        path = self.root / location.authority / location.path
+        with _translated("create the destination folder"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            real_root = self.root.resolve()
+            real_parent = path.parent.resolve()
+        if real_parent != real_root and real_root not in real_parent.parents:
+            raise PublishFailed(f"{location.uri} leads outside the File Manager")
+        if path.is_dir():
+            raise PublishFailed(f"{location.uri} is a folder in the File Manager")
+        return real_parent / path.name
+
+    def stage(self, location: Location) -> _StagedFile:
+        """Open a staged copy for ``location``.
+
+        Raises:
+            PublishFailed: The location is unsafe or the disk refuses.
+        """
+        destination = self.path_of(location)
+        with _translated("stage the file"):
+            self.staging.mkdir(parents=True, exist_ok=True)
+            temp = self.staging / f"{uuid.uuid4().hex}{_SUFFIX}"
+            handle = open(temp, "xb")  # noqa: SIM115 - closed by commit or abort
+        return _StagedFile(temp, destination, handle)
+
+    def sweep(self) -> int:
+        """Remove staged copies left by a process that died; return how many.
+
+        Call it only when no upload is in flight, at start-up.
+        """
+        removed = 0
+        if not self.staging.is_dir():
+            return removed
+        for stale in self.staging.glob(f"*{_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+                removed += 1
+        if removed:
+            log.warning("removed %d stale staged files from %s", removed, self.staging)
+        return removed
+
+
+@hookimpl
+def dais_storages(context: StorageContext) -> Mapping[str, Storage]:
+    """Serve ``filemanager://`` locations from the File Manager folder."""
+    return {"filemanager": LocalFolderStorage(context.filemanager_root)}

@@ -1,0 +1,172 @@
+"""Pure rules of the project gateway: reading the target, cleaning headers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import attrs
+
+from dais_core.errors import InvalidData, InvalidRoute
+from dais_core.rules import check_name, normalise_route
+
+__all__ = [
+    "GATEWAY_PREFIX",
+    "HOP_BY_HOP",
+    "GatewayCall",
+    "parse_gateway_path",
+    "upstream_headers",
+    "upstream_url",
+    "valid_request_id",
+]
+
+GATEWAY_PREFIX = "/project-gateway/webhooks/"
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Caller headers never passed on: credentials, framing the forwarder sets
+# itself, and anything the gateway itself asserts to the upstream.
+_DROPPED = frozenset(
+    {
+        "authorization",
+        "cookie",
+        "host",
+        "content-length",
+        "expect",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "x-request-id",
+    }
+)
+_OWN_PREFIXES = ("x-dais-", "dais-")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_VERSION = re.compile(r"[1-9][0-9]{0,9}")
+
+
+@attrs.frozen
+class GatewayCall:
+    """A gateway request target, checked.
+
+    ``lineage_version`` is ``None`` for ``latest``; ``route`` is canonical.
+    """
+
+    project: str
+    lineage_version: int | None
+    service: str
+    route: str
+
+
+def parse_gateway_path(path: str) -> GatewayCall:
+    """Read a raw gateway path (no query) into its checked parts.
+
+    Args:
+        path: The percent-encoded path of the request target, starting with
+            :data:`GATEWAY_PREFIX`.
+
+    Raises:
+        InvalidRoute: The path does not have the gateway's shape, a name is
+            unsafe, the version is neither a positive integer nor ``latest``,
+            or the route breaks :func:`~dais_core.rules.normalise_route`.
+    """
+    if not path.startswith(GATEWAY_PREFIX):
+        raise InvalidRoute("not a gateway path")
+    parts = path[len(GATEWAY_PREFIX) :].split("/", 4)
+    if len(parts) < 4 or parts[1] != "lineage-version":
+        raise InvalidRoute(
+            "expected /project-gateway/webhooks/{projectId}/lineage-version/"
+            "{lineageVersion}/{serviceName}/{route}"
+        )
+    project, _, version_text, service = parts[:4]
+    try:
+        check_name(project, "projectId")
+        check_name(service, "serviceName")
+    except InvalidData as exc:
+        raise InvalidRoute(exc.message) from None
+    if version_text == "latest":
+        version = None
+    elif _VERSION.fullmatch(version_text):
+        version = int(version_text)
+    else:
+        raise InvalidRoute("lineageVersion must be a positive integer or 'latest'")
+    raw_route = "/" + parts[4] if len(parts) == 5 else "/"
+    return GatewayCall(project, version, service, normalise_route(raw_route))
+
+
+def upstream_url(base_url: str, route: str, query: str) -> str:
+    """Append a canonical route and the untouched query to a base URL."""
+    url = base_url.rstrip("/") + route
+    return f"{url}?{query}" if query else url
+
+
+def valid_request_id(value: str | None) -> bool:
+    """Return whether a caller's request id is safe to keep."""
+    return value is not None and _REQUEST_ID.fullmatch(value) is not None
+
+
+def upstream_headers(
+    incoming: Iterable[tuple[str, str]],
+    *,
+    client: str,
+    proto: str,
+    host: str,
+    request_id: str,
+    key_id: str,
+    project: str,
+    trusted_chain: str | None = None,
+) -> tuple[tuple[str, str], ...]:
+    """Return the headers to send upstream.
+
+    Hop-by-hop headers (and those ``Connection`` names), the caller's
+    credentials and any header the gateway asserts itself are dropped; the
+    forwarding and identity headers are added.
+
+    Args:
+        incoming: The caller's headers, in order.
+        client: The caller's address as the gateway saw it.
+        proto: ``http`` or ``https``, as the caller reached the gateway.
+        host: The ``Host`` the caller used.
+        request_id: The request id for this call.
+        key_id: The verified key id.
+        project: The verified project.
+        trusted_chain: An ``X-Forwarded-For`` chain from a trusted proxy, to
+            extend; ``None`` starts a new chain.
+    """
+    pairs = list(incoming)
+    named = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    kept = [
+        (name, value)
+        for name, value in pairs
+        if (low := name.lower()) not in HOP_BY_HOP
+        and low not in _DROPPED
+        and low not in named
+        and not low.startswith(_OWN_PREFIXES)
+    ]
+    chain = f"{trusted_chain}, {client}" if trusted_chain else client
+    kept += [
+        ("X-Forwarded-For", chain),
+        ("X-Forwarded-Proto", proto),
+        ("X-Forwarded-Host", host),
+        ("X-Request-Id", request_id),
+        ("X-Dais-Key-Id", key_id),
+        ("X-Dais-Project", project),
+    ]
+    return tuple(kept)

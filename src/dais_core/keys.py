@@ -1,0 +1,107 @@
+"""API key material: the token format, hashing and verification.
+
+A token reads ``dais_<key id>_<secret><checksum>``: a fixed prefix that
+secret scanners can look for, the public key id (16 hex digits), a 32
+character base62 secret and a 6 character base62 CRC-32 of everything before
+it. A mistyped token fails its checksum and is refused without a store
+lookup. Only the SHA-256 of the secret is stored; the secret has about 190
+bits of entropy, so a fast hash is enough, and it is compared in constant
+time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import zlib
+from collections.abc import Callable
+
+import attrs
+
+from dais_core.errors import Unauthenticated
+
+__all__ = [
+    "TOKEN_PREFIX",
+    "NewKey",
+    "hash_secret",
+    "new_key",
+    "parse_token",
+    "secret_matches",
+]
+
+TOKEN_PREFIX = "dais"
+_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_SECRET_LENGTH = 32
+_TOKEN = re.compile(
+    rf"{TOKEN_PREFIX}_(?P<id>[0-9a-f]{{16}})_"
+    rf"(?P<secret>[0-9A-Za-z]{{{_SECRET_LENGTH}}})(?P<check>[0-9A-Za-z]{{6}})"
+)
+
+
+def _base62(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, digit = divmod(number, 62)
+        digits.append(_ALPHABET[digit])
+    return "".join(reversed(digits))
+
+
+def _checksum(body: str) -> str:
+    return _base62(zlib.crc32(body.encode("ascii")), 6)
+
+
+@attrs.frozen
+class NewKey:
+    """A freshly made key: the token to show once, and what to store."""
+
+    id: str
+    token: str = attrs.field(repr=False)
+    secret_hash: str = attrs.field(repr=False)
+
+
+def new_key(random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> NewKey:
+    """Make a new key id, secret and token.
+
+    Args:
+        random_bytes: The source of randomness; the default is the OS's CSPRNG.
+    """
+    key_id = random_bytes(8).hex()
+    secret = "".join(_ALPHABET[b % 62] for b in _unbiased(random_bytes, _SECRET_LENGTH))
+    body = f"{TOKEN_PREFIX}_{key_id}_{secret}"
+    return NewKey(key_id, body + _checksum(body), hash_secret(secret))
+
+
+def _unbiased(random_bytes: Callable[[int], bytes], count: int) -> list[int]:
+    # Rejection sampling: bytes >= 248 would favour the first digits.
+    picked: list[int] = []
+    while len(picked) < count:
+        picked.extend(b for b in random_bytes(count) if b < 248)
+    return picked[:count]
+
+
+def hash_secret(secret: str) -> str:
+    """Return the stored form of a secret: its SHA-256, hex."""
+    return hashlib.sha256(secret.encode("ascii")).hexdigest()
+
+
+def parse_token(token: str) -> tuple[str, str]:
+    """Split a token into its key id and secret, checking its form first.
+
+    Raises:
+        Unauthenticated: The token is not of the dais form or its checksum
+            does not match.
+    """
+    found = _TOKEN.fullmatch(token)
+    if found is None:
+        raise Unauthenticated("the API key is malformed")
+    body = token[: found.start("check")]
+    if not hmac.compare_digest(_checksum(body), found["check"]):
+        raise Unauthenticated("the API key is malformed")
+    return found["id"], found["secret"]
+
+
+def secret_matches(secret: str, secret_hash: str) -> bool:
+    """Compare a presented secret with a stored hash in constant time."""
+    return hmac.compare_digest(hash_secret(secret), secret_hash)

@@ -1,0 +1,270 @@
+"""Decisions: which permission matches, where a resource goes, who may pass.
+
+All of it is pure. The throttler's state and clock are ports, so the same
+GCRA arithmetic runs in-process or on a shared store.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable, Sequence
+
+import attrs
+
+from dais_core.errors import Forbidden, NotFound, Throttled, UnauthorisedPublish
+from dais_core.ports import Clock, ThrottleState
+from dais_core.rules import Location, is_under, parse_location
+from dais_core.values import Grant, Permission, ServiceEndpoint
+
+__all__ = [
+    "ConcurrencyCap",
+    "Decision",
+    "RatePolicy",
+    "Target",
+    "Throttler",
+    "gcra",
+    "map_resource",
+    "match_permission",
+    "resolve_endpoint",
+]
+
+
+def match_permission(
+    permissions: Iterable[Permission],
+    project: str,
+    service: str,
+    route: str,
+    method: str,
+) -> Permission | None:
+    """Return the first permission covering the request, if any.
+
+    Args:
+        permissions: The key's permissions, prefixes in canonical form.
+        project: The project of the request.
+        service: The service name of the request.
+        route: The canonical route.
+        method: The HTTP method, upper case.
+    """
+    for permission in permissions:
+        if permission.project != project or permission.service != service:
+            continue
+        if permission.methods and method not in permission.methods:
+            continue
+        if is_under(route, permission.prefix):
+            return permission
+    return None
+
+
+def require_permission(
+    permissions: Iterable[Permission],
+    project: str,
+    service: str,
+    route: str,
+    method: str,
+) -> Permission:
+    """Return the permission covering the request.
+
+    Raises:
+        Forbidden: No permission of the key covers it.
+    """
+    found = match_permission(permissions, project, service, route, method)
+    if found is None:
+        raise Forbidden(
+            "this key has no permission for that project, service and route"
+        )
+    return found
+
+
+@attrs.frozen
+class Target:
+    """Where one resource goes: its grant and the concrete locations."""
+
+    grant: Grant
+    locations: tuple[Location, ...]
+
+
+def _grant_covers(grant: Grant, resource_id: str) -> bool:
+    if grant.is_prefix:
+        return resource_id.startswith(grant.resource)
+    return resource_id == grant.resource
+
+
+def _place(grant: Grant, resource_id: str, location: Location) -> Location:
+    if grant.is_prefix:
+        return location.join(resource_id[len(grant.resource) :])
+    if location.is_folder:
+        return location.join(resource_id.rsplit("/", 1)[-1])
+    return location
+
+
+def map_resource(grants: Sequence[Grant], resource_id: str) -> Target:
+    """Map a checked resource id to the concrete locations of its best grant.
+
+    An exact grant beats a prefix grant; among prefix grants the longest wins.
+
+    Raises:
+        UnauthorisedPublish: No grant covers the resource.
+    """
+    covering = [g for g in grants if _grant_covers(g, resource_id)]
+    if not covering:
+        raise UnauthorisedPublish("this key may not publish that resource")
+    grant = max(covering, key=lambda g: (not g.is_prefix, len(g.resource)))
+    locations = tuple(
+        _place(grant, resource_id, parse_location(uri)) for uri in grant.locations
+    )
+    return Target(grant, locations)
+
+
+def resolve_endpoint(
+    endpoints: Sequence[ServiceEndpoint],
+    project: str,
+    lineage_version: int | None,
+    service: str,
+) -> ServiceEndpoint:
+    """Pick the endpoint of a service at a lineage version, or the latest.
+
+    Args:
+        endpoints: Every endpoint registered for ``project``.
+        project: The project, for messages.
+        lineage_version: A positive version, or ``None`` for the highest
+            version that has the service.
+        service: The service name.
+
+    Raises:
+        NotFound: No such project, lineage version or service.
+    """
+    if not endpoints:
+        raise NotFound(f"no project {project!r}")
+    if lineage_version is not None:
+        endpoints = [e for e in endpoints if e.lineage_version == lineage_version]
+        if not endpoints:
+            raise NotFound(f"no lineage version {lineage_version} in {project!r}")
+    named = [e for e in endpoints if e.service == service]
+    if not named:
+        raise NotFound(f"no service {service!r} at that lineage version")
+    return max(named, key=lambda e: e.lineage_version)
+
+
+@attrs.frozen
+class RatePolicy:
+    """A GCRA policy: ``rate`` requests per ``period`` seconds, ``burst`` at once.
+
+    The defaults admit one request per second with no burst.
+    """
+
+    rate: int = 1
+    period: float = 1.0
+    burst: int = 1
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two requests at the sustained rate."""
+        return self.period / self.rate
+
+    @property
+    def tolerance(self) -> float:
+        """How far ahead of the schedule a burst may run, in seconds."""
+        return self.interval * (self.burst - 1)
+
+
+@attrs.frozen
+class Decision:
+    """The outcome of one throttle check."""
+
+    allowed: bool
+    remaining: int
+    retry_after: float
+    reset_after: float
+
+
+def gcra(tat: float | None, now: float, policy: RatePolicy) -> tuple[float, Decision]:
+    """Run one step of the generic cell rate algorithm.
+
+    Args:
+        tat: The stored theoretical arrival time, or ``None`` for a new key.
+        now: The current time in seconds.
+        policy: The rate policy.
+
+    Returns:
+        The arrival time to store and the decision.
+    """
+    interval, tolerance = policy.interval, policy.tolerance
+    tat = now if tat is None else max(tat, now)
+    if now < tat - tolerance:
+        retry = tat - tolerance - now
+        return tat, Decision(False, 0, retry, tat - now)
+    new_tat = tat + interval
+    remaining = math.floor((tolerance - (new_tat - now) + interval) / interval + 1e-9)
+    return new_tat, Decision(True, max(remaining, 0), 0.0, new_tat - now)
+
+
+class Throttler:
+    """Admit or refuse requests per key under one rate policy.
+
+    Args:
+        state: Where arrival times are kept.
+        clock: The time source.
+        policy: The rate policy.
+        scope: A namespace, so several policies can share one state.
+    """
+
+    def __init__(
+        self, state: ThrottleState, clock: Clock, policy: RatePolicy, scope: str
+    ) -> None:
+        self.state = state
+        self.clock = clock
+        self.policy = policy
+        self.scope = scope
+
+    def check(self, key_id: str) -> Decision:
+        """Take one request from the key's allowance.
+
+        Raises:
+            Throttled: The key is over its rate.
+        """
+        decision = self.state.take(f"{self.scope}:{key_id}", self.policy, self.clock())
+        if not decision.allowed:
+            raise Throttled(
+                "too many requests for this key",
+                retry_after=decision.retry_after,
+                decision=decision,
+            )
+        return decision
+
+
+class ConcurrencyCap:
+    """Cap the number of requests a key has in flight in this process.
+
+    Args:
+        limit: Requests in flight per key; 0 means no cap.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def acquire(self, key_id: str) -> None:
+        """Count one more request in flight.
+
+        Raises:
+            Throttled: The key already has ``limit`` requests in flight.
+        """
+        with self._lock:
+            count = self._counts.get(key_id, 0)
+            if self.limit and count >= self.limit:
+                raise Throttled(
+                    f"this key already has {count} uploads in flight",
+                    retry_after=1.0,
+                )
+            self._counts[key_id] = count + 1
+
+    def release(self, key_id: str) -> None:
+        """Count one request in flight fewer."""
+        with self._lock:
+            count = self._counts.get(key_id, 0) - 1
+            if count > 0:
+                self._counts[key_id] = count
+            else:
+                self._counts.pop(key_id, None)

@@ -1,0 +1,282 @@
+"""Pure rules for names, gateway routes, resource ids and storage locations.
+
+Each rule either returns one canonical value or raises a precise error. The
+gateway checks a route in its canonical form and forwards exactly that form,
+so a route that two parsers could read differently is refused, never
+"repaired" into another path.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from urllib.parse import quote, unquote_to_bytes, urlsplit
+
+import attrs
+
+from dais_core.errors import InvalidData, InvalidResourceId, InvalidRoute
+
+__all__ = [
+    "MAX_ROUTE_LENGTH",
+    "Location",
+    "check_name",
+    "is_under",
+    "normalise_prefix",
+    "normalise_route",
+    "parse_location",
+    "resource_id_from_target",
+    "check_resource_id",
+]
+
+MAX_ROUTE_LENGTH = 4096
+MAX_RESOURCE_ID_LENGTH = 1024
+MAX_SEGMENT_BYTES = 255
+
+# RFC 3986 pchar, less ";" (path parameters are refused), as a raw segment.
+_RAW_SEGMENT = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,=:@]|%[0-9A-Fa-f]{2})+")
+# Characters kept literal in a canonical segment; everything else is %XX.
+_CANONICAL_SAFE = "-._~!$&'()*+,=:@"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_DRIVE = re.compile(r"[A-Za-z]:")
+_FORBIDDEN_IN_SEGMENT = frozenset("/\\%;")
+
+
+def check_name(value: str, what: str) -> str:
+    """Return ``value`` if it is a safe project or service name.
+
+    Args:
+        value: The candidate name.
+        what: What the name is, for the error message.
+
+    Raises:
+        InvalidData: The name is empty, too long or has other characters
+            than ASCII letters, digits, ``-`` and ``_``.
+    """
+    if not _NAME.fullmatch(value):
+        raise InvalidData(
+            f"{what} must be 1-128 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _is_control(ch: str) -> bool:
+    return unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def _canonical_segment(raw: str) -> str:
+    if not _RAW_SEGMENT.fullmatch(raw):
+        raise InvalidRoute(
+            "route segments may hold only RFC 3986 path characters "
+            "(no ';', '\\', spaces, control or raw non-ASCII characters)"
+        )
+    try:
+        decoded = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRoute("route segment is not valid UTF-8 once decoded") from None
+    if decoded in {".", ".."}:
+        raise InvalidRoute("dot segments are not allowed in a route")
+    if any(ch in _FORBIDDEN_IN_SEGMENT or _is_control(ch) for ch in decoded):
+        raise InvalidRoute(
+            "encoded '/', '\\', '%', ';' or control characters are not allowed "
+            "in a route"
+        )
+    if unicodedata.normalize("NFKC", decoded) != decoded:
+        raise InvalidRoute("route segment is not in Unicode normal form NFKC")
+    return quote(decoded, safe=_CANONICAL_SAFE)
+
+
+def normalise_route(raw: str) -> str:
+    """Return the canonical form of a raw gateway route.
+
+    The canonical form starts with ``/``, has no empty segment except an
+    optional trailing one, and percent-encodes exactly the characters that are
+    not RFC 3986 path characters, in upper case. Normalising a canonical route
+    returns it unchanged.
+
+    Args:
+        raw: The route as it appeared in the request target, percent-encoded,
+            without the query string. ``""`` means ``/``.
+
+    Returns:
+        The canonical route.
+
+    Raises:
+        InvalidRoute: The route has dot segments, double slashes, encoded
+            separators, double encoding, ``;`` parameters, control characters,
+            invalid UTF-8 or a non-NFKC segment, or is too long.
+    """
+    if raw in {"", "/"}:
+        return "/"
+    if len(raw) > MAX_ROUTE_LENGTH:
+        raise InvalidRoute(f"route is longer than {MAX_ROUTE_LENGTH} characters")
+    if not raw.startswith("/"):
+        raise InvalidRoute("route must start with '/'")
+    segments = raw[1:].split("/")
+    trailing = segments[-1] == ""
+    if trailing:
+        segments.pop()
+    if any(segment == "" for segment in segments):
+        raise InvalidRoute("empty path segments (double slashes) are not allowed")
+    canonical = "/" + "/".join(_canonical_segment(s) for s in segments)
+    return canonical + "/" if trailing else canonical
+
+
+def normalise_prefix(prefix: str) -> str:
+    """Return the canonical form of a permission's route prefix.
+
+    A trailing slash is dropped: ``/api/webhook/`` and ``/api/webhook`` cover
+    the same routes.
+
+    Raises:
+        InvalidRoute: The prefix is not a valid route.
+    """
+    canonical = normalise_route(prefix)
+    return canonical.rstrip("/") or "/"
+
+
+def _segments(route: str) -> list[str]:
+    return [s for s in route.split("/") if s]
+
+
+def is_under(route: str, prefix: str) -> bool:
+    """Return whether a canonical route lies at or under a canonical prefix.
+
+    The comparison is by whole segments and case-sensitive: ``/api/webhook``
+    covers ``/api/webhook`` and ``/api/webhook/x``, never ``/api/webhookx``.
+    """
+    wanted = _segments(prefix)
+    return _segments(route)[: len(wanted)] == wanted
+
+
+def _check_resource_segment(segment: str) -> None:
+    if segment == "":
+        raise InvalidResourceId("resource id has an empty segment")
+    if segment in {".", ".."}:
+        raise InvalidResourceId("resource id has a dot segment")
+    if any(ch in "\\:\x00" or _is_control(ch) for ch in segment):
+        raise InvalidResourceId(
+            "resource id segments may not hold '\\', ':' or control characters"
+        )
+    if segment != segment.strip() or segment.endswith("."):
+        raise InvalidResourceId(
+            "resource id segments may not start or end with spaces or end with '.'"
+        )
+    if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+        raise InvalidResourceId(
+            f"resource id segments are at most {MAX_SEGMENT_BYTES} bytes"
+        )
+    if unicodedata.normalize("NFKC", segment) != segment:
+        raise InvalidResourceId("resource id is not in Unicode normal form NFKC")
+
+
+def check_resource_id(value: str, *, allow_prefix: bool = False) -> str:
+    """Return ``value`` if it is a safe resource id, relative and contained.
+
+    ``dirOne/dirTwo/name`` is fine; empty segments, ``.`` and ``..``,
+    absolute paths, backslashes, drive letters, ``:``, NUL and control
+    characters are refused. Joined under any root, an accepted id stays
+    under that root.
+
+    Args:
+        value: The decoded resource id.
+        allow_prefix: Accept one trailing ``/`` (a prefix grant).
+
+    Raises:
+        InvalidResourceId: The id breaks one of the rules above.
+    """
+    if not value:
+        raise InvalidResourceId("resource id is empty")
+    if len(value) > MAX_RESOURCE_ID_LENGTH:
+        raise InvalidResourceId(
+            f"resource id is longer than {MAX_RESOURCE_ID_LENGTH} characters"
+        )
+    if value.startswith("/") or _DRIVE.match(value):
+        raise InvalidResourceId("resource id must be relative")
+    body = value[:-1] if allow_prefix and value.endswith("/") else value
+    for segment in body.split("/"):
+        _check_resource_segment(segment)
+    return value
+
+
+def resource_id_from_target(raw: str) -> str:
+    """Decode a resource id from the percent-encoded tail of a request target.
+
+    Each segment is decoded on its own, so an encoded ``/`` can never create
+    a directory.
+
+    Raises:
+        InvalidResourceId: A segment is not valid percent-encoded UTF-8, or
+            the decoded id breaks :func:`check_resource_id`.
+    """
+    decoded = []
+    for segment in raw.split("/"):
+        if not _RAW_SEGMENT.fullmatch(segment):
+            raise InvalidResourceId(
+                "resource id segments may hold only RFC 3986 path characters"
+            )
+        try:
+            text = unquote_to_bytes(segment).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidResourceId("resource id is not valid UTF-8") from None
+        if "/" in text or "%" in text:
+            raise InvalidResourceId("encoded '/' or '%' in a resource id")
+        decoded.append(text)
+    return check_resource_id("/".join(decoded))
+
+
+@attrs.frozen
+class Location:
+    """A storage location: ``scheme://authority/path``.
+
+    For ``filemanager://P/inputs/x.csv`` the authority is the project ``P`` and
+    the path ``inputs/x.csv``; for ``s3://bucket/key`` it is the bucket.
+    A location whose path ends in ``/`` is a folder that a prefix grant fills.
+    """
+
+    scheme: str
+    authority: str
+    path: str
+
+    @property
+    def is_folder(self) -> bool:
+        """Whether this location names a folder rather than a file."""
+        return self.path.endswith("/") or self.path == ""
+
+    @property
+    def uri(self) -> str:
+        """The location written as a URI."""
+        return f"{self.scheme}://{self.authority}/{self.path}"
+
+    def join(self, relative: str) -> Location:
+        """Return the location of ``relative`` inside this folder.
+
+        Raises:
+            InvalidResourceId: ``relative`` is not a safe resource id.
+        """
+        check_resource_id(relative)
+        return Location(self.scheme, self.authority, self.path + relative)
+
+
+def parse_location(uri: str) -> Location:
+    """Parse and check a storage location URI.
+
+    Args:
+        uri: ``scheme://authority/path``; the path follows the resource-id
+            rules and may end in ``/`` to name a folder.
+
+    Raises:
+        InvalidData: No scheme or authority, a query or fragment, or an unsafe
+            path.
+    """
+    parts = urlsplit(uri)
+    if not parts.scheme or not parts.netloc:
+        raise InvalidData("a location needs a scheme and an authority")
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise InvalidData("a location may not have credentials, query or fragment")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", parts.netloc):
+        raise InvalidData("a location's authority must be a plain name")
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if path:
+        check_resource_id(path, allow_prefix=True)
+    return Location(parts.scheme.lower(), parts.netloc, path)

@@ -1,0 +1,115 @@
+"""In-memory implementations of the ports, for unit tests of the core.
+
+They keep everything in dictionaries and lists, and are as strict as the
+real adapters about the contract: a staged copy is invisible until commit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from dais_core.errors import PublishFailed
+from dais_core.policies import Decision, RatePolicy, gcra
+from dais_core.rules import Location
+from dais_core.values import Credential, ForwardRecord, PublishRecord, ServiceEndpoint
+
+__all__ = [
+    "FakeClock",
+    "MemoryKeyStore",
+    "MemoryRegistry",
+    "MemoryStorage",
+    "MemoryThrottleState",
+]
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward."""
+        self.now += seconds
+
+
+class MemoryKeyStore:
+    """Credentials by key id, and the records written."""
+
+    def __init__(self, *credentials: Credential) -> None:
+        self.credentials = {c.key.id: c for c in credentials}
+        self.publishes: list[PublishRecord] = []
+        self.forwards: list[ForwardRecord] = []
+
+    def load(self, key_id: str) -> Credential | None:
+        return self.credentials.get(key_id)
+
+    def record_publish(self, record: PublishRecord) -> None:
+        self.publishes.append(record)
+
+    def record_forward(self, record: ForwardRecord) -> None:
+        self.forwards.append(record)
+
+
+class MemoryRegistry:
+    """Service endpoints in a list."""
+
+    def __init__(self, *endpoints: ServiceEndpoint) -> None:
+        self.all = list(endpoints)
+
+    def endpoints(self, project: str) -> Sequence[ServiceEndpoint]:
+        return [e for e in self.all if e.project == project]
+
+
+class _MemoryStaged:
+    def __init__(self, storage: MemoryStorage, location: Location) -> None:
+        self.storage = storage
+        self.location = location
+        self.parts: list[bytes] = []
+
+    def write(self, chunk: bytes) -> None:
+        if self.location.uri in self.storage.fail_on_write:
+            raise PublishFailed("write refused")
+        self.parts.append(bytes(chunk))
+
+    def commit(self) -> None:
+        if self.location.uri in self.storage.fail_on_commit:
+            raise PublishFailed("commit refused")
+        self.storage.files[self.location.uri] = b"".join(self.parts)
+        self.storage.staged.discard(self)
+
+    def abort(self) -> None:
+        self.storage.staged.discard(self)
+
+
+class MemoryStorage:
+    """Files by location URI; staged copies are kept apart until commit."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.staged: set[_MemoryStaged] = set()
+        self.fail_on_write: set[str] = set()
+        self.fail_on_commit: set[str] = set()
+
+    def stage(self, location: Location) -> _MemoryStaged:
+        staged = _MemoryStaged(self, location)
+        self.staged.add(staged)
+        return staged
+
+
+class MemoryThrottleState:
+    """Arrival times in a dictionary, under a lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tat: dict[str, float] = {}
+
+    def take(self, key: str, policy: RatePolicy, now: float) -> Decision:
+        with self._lock:
+            tat, decision = gcra(self._tat.get(key), now, policy)
+            self._tat[key] = tat
+            return decision

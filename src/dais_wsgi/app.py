@@ -1,0 +1,412 @@
+"""The Falcon application: the two endpoints, one error handler, one log line.
+
+Both endpoints are sinks that read the raw request target (``REQUEST_URI``)
+themselves, so the route is checked in exactly the form the client sent, not
+in the form a router decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import falcon
+from falcon.media.multipart import MultipartForm, MultipartParseOptions
+
+from dais_core.errors import (
+    DaisError,
+    InvalidData,
+    InvalidResourceId,
+    Throttled,
+    TooLarge,
+    UnsupportedType,
+    status_for,
+)
+from dais_core.gateway import (
+    parse_gateway_path,
+    upstream_headers,
+    valid_request_id,
+)
+from dais_core.policies import Decision, RatePolicy, map_resource
+from dais_core.ports import ForwardRequest
+from dais_core.rules import resource_id_from_target
+from dais_core.usecases import authenticate, authorise_call, publish
+from dais_core.values import ForwardRecord, PublishRecord
+from dais_wsgi.bootstrap import Runtime
+
+__all__ = ["UPLOAD_PREFIX", "create_app"]
+
+log = logging.getLogger("dais.access")
+errors_log = logging.getLogger("dais.errors")
+
+UPLOAD_PREFIX = "/integration/v1/resources/"
+CHUNK_SIZE = 1024 * 1024
+
+
+def raw_path(req: falcon.Request) -> str:
+    """Return the request target's path exactly as the client sent it."""
+    target = req.env.get("REQUEST_URI")
+    if target is None:
+        # Not behind waitress: rebuild a percent-encoded path from PATH_INFO.
+        return quote(req.env.get("SCRIPT_NAME", "") + req.env.get("PATH_INFO", ""))
+    if not target.startswith("/"):
+        target = urlsplit(target).path or "/"
+    return str(target).partition("?")[0]
+
+
+def _rate_headers(
+    resp: falcon.Response, name: str, policy: RatePolicy, d: Decision
+) -> None:
+    resp.set_header(
+        "RateLimit-Policy", f'"{name}";q={policy.burst};w={math.ceil(policy.period)}'
+    )
+    resp.set_header(
+        "RateLimit", f'"{name}";r={d.remaining};t={math.ceil(d.reset_after)}'
+    )
+
+
+def _handle_dais_error(
+    req: falcon.Request, resp: falcon.Response, exc: DaisError, params: Any
+) -> None:
+    resp.status = status_for(exc)
+    resp.media = exc.body()
+    req.context.error = exc.code
+    if isinstance(exc, Throttled):
+        resp.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
+        if isinstance(exc.decision, Decision):
+            rate: tuple[str, RatePolicy] = getattr(req.context, "rate", None) or (
+                "upload",
+                RatePolicy(),
+            )
+            _rate_headers(resp, rate[0], rate[1], exc.decision)
+    if resp.status == 500:
+        errors_log.warning("request %s failed: %s", req.context.request_id, exc.message)
+
+
+def _handle_http_error(
+    req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError, params: Any
+) -> None:
+    resp.status = exc.status
+    code = exc.title.lower().replace(" ", "_") if exc.title else "http_error"
+    resp.media = {"error": code, "message": exc.description or exc.title}
+    if exc.headers:
+        resp.set_headers(exc.headers)
+
+
+def _handle_unexpected(
+    req: falcon.Request, resp: falcon.Response, exc: Exception, params: Any
+) -> None:
+    errors_log.exception("request %s crashed", req.context.get("request_id"))
+    resp.status = 500
+    resp.media = {"error": "internal_error", "message": "internal error"}
+
+
+class AccessLog:
+    """Give each request an id, and write one INFO line when it is answered."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        caller_id = req.get_header("X-Request-Id")
+        req.context.request_id = (
+            caller_id if valid_request_id(caller_id) else uuid.uuid4().hex
+        )
+        req.context.started = time.perf_counter()
+        req.context.key_id = "-"
+        req.context.template = "-"
+        resp.set_header("X-Request-Id", req.context.request_id)
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, ok: bool
+    ) -> None:
+        log.info(
+            "%s %s %s %d %.1fms key=%s id=%s",
+            req.method,
+            req.context.template,
+            resp.status[:3] if isinstance(resp.status, str) else resp.status,
+            req.content_length or 0,
+            (time.perf_counter() - req.context.started) * 1000,
+            req.context.key_id,
+            req.context.request_id,
+        )
+
+
+def _expected_digest(req: falcon.Request) -> str | None:
+    header = req.get_header("Content-Digest")
+    if header:
+        for item in header.split(","):
+            name, _, value = item.strip().partition("=")
+            if name.strip().lower() == "sha-256":
+                try:
+                    return base64.b64decode(
+                        value.strip().strip(":"), validate=True
+                    ).hex()
+                except ValueError:
+                    raise InvalidData("Content-Digest sha-256 is not base64") from None
+    plain = req.get_header("X-Checksum-SHA256")
+    if plain:
+        try:
+            return bytes.fromhex(plain.strip()).hex()
+        except ValueError:
+            raise InvalidData("X-Checksum-SHA256 is not hexadecimal") from None
+    return None
+
+
+def _file_chunks(form: MultipartForm) -> Iterator[bytes]:
+    """Yield the bytes of the one file part named ``data``, then check the rest."""
+    seen = False
+    try:
+        for part in form:
+            if part.filename is None:
+                if part.name == "data":
+                    raise InvalidData("the 'data' field must be a file")
+                continue
+            if part.name != "data":
+                raise InvalidData(f"unexpected file field {part.name!r}; use 'data'")
+            if seen:
+                raise InvalidData("send exactly one file per request")
+            if "/" in part.filename or "\\" in part.filename:
+                raise InvalidData("directory uploads are not supported")
+            seen = True
+            stream = part.stream
+            while chunk := stream.read(CHUNK_SIZE):
+                yield chunk
+    except falcon.MediaMalformedError as exc:
+        raise InvalidData(f"malformed multipart body: {exc.description}") from exc
+    if not seen:
+        raise InvalidData("the body has no file part named 'data'")
+
+
+def _resource_id(path: str) -> str:
+    if not path.startswith(UPLOAD_PREFIX):
+        raise InvalidResourceId("the resource id must follow " + UPLOAD_PREFIX)
+    return resource_id_from_target(path[len(UPLOAD_PREFIX) :])
+
+
+class UploadSink:
+    """``POST /integration/v1/resources/{resourceId...}``."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.options = MultipartParseOptions()
+        self.options.max_body_part_count = 16
+        self.options.max_body_part_headers_size = 8192
+        self.options.max_body_part_buffer_size = 64 * 1024
+
+    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
+        req.context.template = "upload"
+        if req.method != "POST":
+            raise falcon.HTTPMethodNotAllowed(["POST"])
+        runtime, settings = self.runtime, self.runtime.settings
+        credential = authenticate(
+            runtime.keys, req.get_header("Authorization"), runtime.clock()
+        )
+        req.context.key_id = credential.key.id
+        resource_id = _resource_id(raw_path(req))
+        target = map_resource(credential.grants, resource_id)
+        req.context.rate = ("upload", settings.upload_rate)
+        decision = runtime.upload_throttle.check(credential.key.id)
+        _rate_headers(resp, "upload", settings.upload_rate, decision)
+
+        boundary = self._boundary(req)
+        limit = settings.max_upload_bytes + settings.multipart_overhead
+        if req.content_length is not None and req.content_length > limit:
+            raise TooLarge(f"the body is over the limit of {limit} bytes")
+        expected = _expected_digest(req)
+        form = MultipartForm(
+            req.stream, boundary, req.content_length or limit, self.options
+        )
+
+        started = time.perf_counter()
+        runtime.uploads_in_flight.acquire(credential.key.id)
+        outcome, result = "failed", None
+        try:
+            result = publish(
+                resource_id,
+                target,
+                _file_chunks(form),
+                runtime.storages,
+                max_size=settings.max_upload_bytes,
+                expected_sha256=expected,
+            )
+            outcome = "published"
+        except DaisError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            runtime.uploads_in_flight.release(credential.key.id)
+            self._record(
+                req, credential.key.id, resource_id, target, result, outcome, started
+            )
+        resp.media = {
+            "resource": result.resource,
+            "size": result.size,
+            "sha256": result.sha256,
+            "locations": list(result.locations),
+        }
+
+    def _boundary(self, req: falcon.Request) -> bytes:
+        media_type, params = falcon.parse_header(req.content_type or "")
+        if media_type != "multipart/form-data":
+            raise UnsupportedType("send the file as multipart/form-data")
+        boundary = params.get("boundary", "")
+        if not 1 <= len(boundary) <= 70:
+            raise InvalidData("the multipart boundary is missing or too long")
+        return boundary.encode("ascii", "replace")
+
+    def _record(
+        self,
+        req: falcon.Request,
+        key_id: str,
+        resource_id: str,
+        target: Any,
+        result: Any,
+        outcome: str,
+        started: float,
+    ) -> None:
+        record = PublishRecord(
+            key_id=key_id,
+            resource=resource_id,
+            size=result.size if result else 0,
+            sha256=result.sha256 if result else "",
+            locations=tuple(loc.uri for loc in target.locations),
+            outcome=outcome,
+            duration=time.perf_counter() - started,
+            request_id=req.context.request_id,
+            at=self.runtime.clock(),
+        )
+        try:
+            self.runtime.keys.record_publish(record)
+            self.runtime.hooks.dais_publish_recorded(record=record)
+        except DaisError as exc:
+            errors_log.warning(
+                "could not record publish %s: %s", record.request_id, exc
+            )
+
+
+class _LimitedBody:
+    """A request body that refuses to run past the gateway's limit."""
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk: bytes = self.stream.read(size if size and size > 0 else CHUNK_SIZE)
+        self.count += len(chunk)
+        if self.count > self.limit:
+            raise TooLarge(f"the body is over the limit of {self.limit} bytes")
+        return chunk
+
+
+def _caller_headers(req: falcon.Request) -> Iterator[tuple[str, str]]:
+    for name, value in req.env.items():
+        if name.startswith("HTTP_"):
+            yield name[5:].replace("_", "-").title(), value
+    if req.content_type:
+        yield "Content-Type", req.content_type
+
+
+class GatewaySink:
+    """``ANY /project-gateway/webhooks/{projectId}/lineage-version/{v}/{service}/...``."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
+        req.context.template = "gateway"
+        runtime, settings = self.runtime, self.runtime.settings
+        credential = authenticate(
+            runtime.keys, req.get_header("Authorization"), runtime.clock()
+        )
+        req.context.key_id = credential.key.id
+        call = parse_gateway_path(raw_path(req))
+        route = authorise_call(
+            credential, call, req.method, req.query_string, runtime.registry
+        )
+        if runtime.gateway_throttle is not None:
+            req.context.rate = ("gateway", runtime.gateway_throttle.policy)
+            decision = runtime.gateway_throttle.check(credential.key.id)
+            _rate_headers(resp, "gateway", runtime.gateway_throttle.policy, decision)
+
+        length = req.content_length
+        if length is not None and length > settings.max_gateway_body:
+            raise TooLarge(
+                f"the body is over the limit of {settings.max_gateway_body} bytes"
+            )
+        chunked = "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
+        body = (
+            _LimitedBody(req.stream, settings.max_gateway_body)
+            if length or chunked
+            else None
+        )
+        headers = upstream_headers(
+            _caller_headers(req),
+            client=req.remote_addr or "",
+            proto=req.scheme,
+            host=req.host,
+            request_id=req.context.request_id,
+            key_id=credential.key.id,
+            project=call.project,
+            trusted_chain=req.get_header("X-Forwarded-For")
+            if settings.trust_forwarded
+            else None,
+        )
+        started = time.perf_counter()
+        status = runtime.forwarder.forward(
+            ForwardRequest(
+                req.method, route.url, headers, body, length if length else None
+            )
+        )
+        resp.status = status
+        resp.set_header("Dais-Lineage-Version", str(route.endpoint.lineage_version))
+        resp.data = b""
+        self._record(req, credential.key.id, call, route, status, started, body)
+
+    def _record(
+        self,
+        req: falcon.Request,
+        key_id: str,
+        call: Any,
+        route: Any,
+        status: int,
+        started: float,
+        body: _LimitedBody | None,
+    ) -> None:
+        record = ForwardRecord(
+            key_id=key_id,
+            project=call.project,
+            service=call.service,
+            lineage_version=route.endpoint.lineage_version,
+            method=req.method,
+            route=call.route,
+            status=status,
+            latency=time.perf_counter() - started,
+            bytes_in=body.count if body else 0,
+            request_id=req.context.request_id,
+            at=self.runtime.clock(),
+        )
+        try:
+            self.runtime.keys.record_forward(record)
+            self.runtime.hooks.dais_forward_recorded(record=record)
+        except DaisError as exc:
+            errors_log.warning(
+                "could not record forward %s: %s", record.request_id, exc
+            )
+
+
+def create_app(runtime: Runtime) -> falcon.App[falcon.Request, falcon.Response]:
+    """Build the WSGI application over a wired runtime."""
+    app = falcon.App(middleware=[AccessLog()])
+    app.req_options.strip_url_path_trailing_slash = False
+    app.add_error_handler(Exception, _handle_unexpected)
+    app.add_error_handler(falcon.HTTPError, _handle_http_error)
+    app.add_error_handler(DaisError, _handle_dais_error)
+    app.add_sink(UploadSink(runtime), r"/integration/v1/resources(?:/|$)")
+    app.add_sink(GatewaySink(runtime), r"/project-gateway/webhooks(?:/|$)")
+    return app

@@ -1,0 +1,109 @@
+"""Wire adapters to the core: the one place that builds live objects."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import attrs
+import pluggy
+
+from dais_adapters.hooks import ForwarderOptions, StorageContext, plugin_manager
+from dais_core.errors import InvalidData
+from dais_core.policies import ConcurrencyCap, Throttler
+from dais_core.ports import Clock, Forwarder, KeyStore, ServiceRegistry, Storage
+from dais_core.values import ApiKey, Credential, Grant, Permission, ServiceEndpoint
+from dais_wsgi.settings import Settings
+
+__all__ = ["AdminStore", "Runtime", "admin_store", "bootstrap"]
+
+
+class AdminStore(Protocol):
+    """What the admin commands need from a store, beyond the key-store port."""
+
+    def add_key(self, key: ApiKey) -> None: ...
+    def revoke(self, key_id: str, now: float) -> None: ...
+    def list_keys(self, project: str | None = None) -> list[Credential]: ...
+    def add_permission(self, key_id: str, permission: Permission) -> None: ...
+    def add_grant(self, key_id: str, grant: Grant) -> None: ...
+    def add_service(self, endpoint: ServiceEndpoint) -> None: ...
+    def load(self, key_id: str) -> Credential | None: ...
+
+
+@attrs.frozen
+class Runtime:
+    """The live adapters and policies of one gateway process."""
+
+    settings: Settings
+    keys: KeyStore
+    registry: ServiceRegistry
+    storages: Mapping[str, Storage]
+    forwarder: Forwarder
+    clock: Clock
+    upload_throttle: Throttler
+    gateway_throttle: Throttler | None
+    uploads_in_flight: ConcurrencyCap
+    hooks: Any
+
+
+def _first(found: Any, what: str, url: str) -> Any:
+    if found is None:
+        raise InvalidData(f"no installed plugin serves the {what} {url!r}")
+    return found
+
+
+def _manager(manager: pluggy.PluginManager | None) -> pluggy.PluginManager:
+    return manager if manager is not None else plugin_manager()
+
+
+def admin_store(
+    settings: Settings, manager: pluggy.PluginManager | None = None
+) -> AdminStore:
+    """Return the store behind the admin commands."""
+    url = settings.resolved_store_url
+    store: AdminStore = _first(
+        _manager(manager).hook.dais_key_store(url=url), "key store", url
+    )
+    return store
+
+
+def bootstrap(
+    settings: Settings,
+    manager: pluggy.PluginManager | None = None,
+    clock: Clock = time.time,
+) -> Runtime:
+    """Build every adapter the settings name, through the plugin manager.
+
+    Raises:
+        InvalidData: No installed plugin serves one of the URLs.
+    """
+    hook = _manager(manager).hook
+    store_url = settings.resolved_store_url
+    throttle = _first(
+        hook.dais_throttle_state(url=settings.throttle_url),
+        "throttle state",
+        settings.throttle_url,
+    )
+    storages: dict[str, Storage] = {}
+    context = StorageContext(settings.resolved_filemanager_root)
+    for contributed in hook.dais_storages(context=context):
+        storages.update(contributed)
+    options = ForwarderOptions(settings.connect_timeout, settings.read_timeout)
+    gateway_throttle = None
+    if settings.gateway_rate is not None:
+        gateway_throttle = Throttler(throttle, clock, settings.gateway_rate, "gateway")
+    return Runtime(
+        settings=settings,
+        keys=_first(hook.dais_key_store(url=store_url), "key store", store_url),
+        registry=_first(
+            hook.dais_service_registry(url=store_url), "service registry", store_url
+        ),
+        storages=storages,
+        forwarder=_first(hook.dais_forwarder(options=options), "forwarder", "http"),
+        clock=clock,
+        upload_throttle=Throttler(throttle, clock, settings.upload_rate, "upload"),
+        gateway_throttle=gateway_throttle,
+        uploads_in_flight=ConcurrencyCap(settings.uploads_in_flight),
+        hooks=hook,
+    )

@@ -1,0 +1,296 @@
+"""The ``dais-gateway`` command: admin tasks, serving, and the demo.
+
+Environment and flags are read here and nowhere else: they become one
+:class:`~dais_wsgi.settings.Settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dais_core.errors import DaisError, InvalidData
+from dais_core.keys import new_key
+from dais_core.rules import (
+    check_name,
+    check_resource_id,
+    normalise_prefix,
+    parse_location,
+)
+from dais_core.values import (
+    ApiKey,
+    Credential,
+    DataType,
+    Grant,
+    KeyRequest,
+    Permission,
+    ServiceEndpoint,
+)
+from dais_wsgi.bootstrap import AdminStore, admin_store, bootstrap
+from dais_wsgi.settings import DEFAULT_HOME, Settings
+
+__all__ = ["credential_json", "main"]
+
+
+def _iso(when: float | None) -> str | None:
+    if when is None:
+        return None
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat()
+
+
+def credential_json(credential: Credential) -> dict[str, Any]:
+    """Return a key as shown to admins: everything but the secret."""
+    key = credential.key
+    return {
+        "id": key.id,
+        "project": key.project,
+        "label": key.label,
+        "requestor": key.request.requestor,
+        "approver": key.request.approver,
+        "app_ids": list(key.request.app_ids),
+        "case_code": key.request.case_code,
+        "lighthouse": key.request.lighthouse,
+        "business_case": key.request.business_case,
+        "created": _iso(key.created),
+        "expires": _iso(key.expires),
+        "revoked": _iso(key.revoked),
+        "last_used": _iso(key.last_used),
+        "permissions": [
+            {
+                "project": p.project,
+                "service": p.service,
+                "prefix": p.prefix,
+                "methods": sorted(p.methods),
+            }
+            for p in credential.permissions
+        ],
+        "grants": [
+            {
+                "resource": g.resource,
+                "locations": list(g.locations),
+                "type": g.data_type.value,
+            }
+            for g in credential.grants
+        ],
+    }
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    home = Path(args.home or os.environ.get("DAIS_HOME") or DEFAULT_HOME)
+    return Settings(
+        home=home,
+        host=getattr(args, "host", "127.0.0.1"),
+        port=getattr(args, "port", 8080),
+    )
+
+
+def _store(args: argparse.Namespace) -> AdminStore:
+    return admin_store(_settings(args))
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    check_name(args.project, "project")
+    made = new_key()
+    now = time.time()
+    expires = now + args.expires_days * 86400 if args.expires_days else None
+    request = KeyRequest(
+        requestor=args.requestor,
+        approver=args.approver,
+        app_ids=tuple(args.app_id or (args.project,)),
+        case_code=args.case_code,
+        lighthouse=args.lighthouse,
+        business_case=args.business_case,
+    )
+    key = ApiKey(
+        made.id, made.secret_hash, args.project, args.label, request, now, expires
+    )
+    _store(args).add_key(key)
+    if args.json:
+        print(json.dumps({"id": made.id, "key": made.token}))
+    else:
+        print(f"key id: {made.id}\nkey:    {made.token}\n(the key is shown only now)")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    found = [credential_json(c) for c in _store(args).list_keys(args.project)]
+    if args.json:
+        print(json.dumps(found, indent=2))
+    else:
+        for item in found:
+            state = "revoked" if item["revoked"] else "active"
+            print(f"{item['id']}  {item['project']:<20} {state:<8} {item['label']}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    _store(args).revoke(args.key_id, time.time())
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+def _permissions_add(args: argparse.Namespace) -> int:
+    permission = Permission(
+        check_name(args.project, "project"),
+        check_name(args.service, "service"),
+        normalise_prefix(args.prefix),
+        frozenset(m.upper() for m in args.method or ()),
+    )
+    _store(args).add_permission(args.key_id, permission)
+    print(
+        f"{args.key_id} may call {permission.project}/{permission.service}{permission.prefix}"
+    )
+    return 0
+
+
+def _grants_add(args: argparse.Namespace) -> int:
+    resource = check_resource_id(args.resource, allow_prefix=True)
+    locations = tuple(parse_location(uri).uri for uri in args.to)
+    if resource.endswith("/") and not all(uri.endswith("/") for uri in locations):
+        raise InvalidData(
+            "a prefix grant (resource ending in '/') needs folder locations"
+        )
+    grant = Grant(resource, locations, DataType(args.type))
+    _store(args).add_grant(args.key_id, grant)
+    print(f"{args.key_id} may publish {resource} to {', '.join(locations)}")
+    return 0
+
+
+def _services_add(args: argparse.Namespace) -> int:
+    if args.lineage_version < 1:
+        raise InvalidData("--lineage-version must be a positive integer")
+    endpoint = ServiceEndpoint(
+        check_name(args.project, "project"),
+        args.lineage_version,
+        check_name(args.service, "service"),
+        args.url.rstrip("/"),
+    )
+    _store(args).add_service(endpoint)
+    print(
+        f"{endpoint.project} v{endpoint.lineage_version} {endpoint.service} -> {endpoint.base_url}"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dais_wsgi.server import make_server
+
+    server = make_server(bootstrap(_settings(args)))
+    print(f"dais gateway on http://{args.host}:{server.effective_port}", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dais_wsgi.demo import run_demo
+
+    return run_demo(_settings(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dais-gateway", description="Dais external integration gateway."
+    )
+    parser.add_argument("--home", help="state folder (default: $DAIS_HOME or ./.dais)")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    keys = groups.add_parser("keys", help="API keys").add_subparsers(
+        dest="action", required=True
+    )
+    create = keys.add_parser("create", help="create a key; the secret is shown once")
+    create.add_argument("--project", required=True)
+    create.add_argument("--label", default="")
+    create.add_argument("--requestor", default="")
+    create.add_argument("--approver", default="")
+    create.add_argument("--app-id", action="append", help="app id (repeatable)")
+    create.add_argument("--case-code", default="")
+    create.add_argument("--lighthouse", action="store_true")
+    create.add_argument("--business-case", default="")
+    create.add_argument("--expires-days", type=float, default=0)
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(run=_keys_create)
+    listing = keys.add_parser("list", help="list keys, never their secrets")
+    listing.add_argument("--project")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key now")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=_keys_revoke)
+
+    perms = groups.add_parser("permissions", help="gateway permissions").add_subparsers(
+        dest="action", required=True
+    )
+    padd = perms.add_parser("add", help="let a key call a service under a route prefix")
+    padd.add_argument("key_id")
+    padd.add_argument("--project", required=True)
+    padd.add_argument("--service", required=True)
+    padd.add_argument("--prefix", required=True)
+    padd.add_argument(
+        "--method", action="append", help="restrict to a method (repeatable)"
+    )
+    padd.set_defaults(run=_permissions_add)
+
+    grants = groups.add_parser("grants", help="resource grants").add_subparsers(
+        dest="action", required=True
+    )
+    gadd = grants.add_parser("add", help="let a key publish a resource to locations")
+    gadd.add_argument("key_id")
+    gadd.add_argument("--resource", required=True)
+    gadd.add_argument(
+        "--to", action="append", required=True, help="location (repeatable)"
+    )
+    gadd.add_argument("--type", choices=[t.value for t in DataType], default="binary")
+    gadd.set_defaults(run=_grants_add)
+
+    services = groups.add_parser("services", help="service registry").add_subparsers(
+        dest="action", required=True
+    )
+    sadd = services.add_parser("add", help="register a service of a lineage version")
+    sadd.add_argument("--project", required=True)
+    sadd.add_argument("--lineage-version", type=int, required=True)
+    sadd.add_argument("--service", required=True)
+    sadd.add_argument("--url", required=True)
+    sadd.set_defaults(run=_services_add)
+
+    for name, run, text in (
+        ("serve", _serve, "serve the gateway"),
+        ("demo", _demo, "serve the gateway with a sample service and demo key"),
+    ):
+        command = groups.add_parser(name, help=text)
+        command.add_argument("--host", default="127.0.0.1")
+        command.add_argument("--port", type=int, default=8080)
+        command.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    logging.basicConfig(
+        level=os.environ.get("DAIS_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except DaisError as exc:
+        print(f"dais-gateway: {exc.message}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

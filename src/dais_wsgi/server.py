@@ -1,0 +1,97 @@
+"""Serve the application with waitress."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from waitress.server import create_server
+
+from dais_wsgi.app import create_app
+from dais_wsgi.bootstrap import Runtime
+
+__all__ = ["BackgroundServer", "make_server", "sweep_storages"]
+
+log = logging.getLogger(__name__)
+
+
+def sweep_storages(runtime: Runtime) -> None:
+    """Clear staged copies a killed process left behind, before serving."""
+    for storage in runtime.storages.values():
+        sweep = getattr(storage, "sweep", None)
+        if callable(sweep):
+            sweep()
+
+
+def make_server(runtime: Runtime, **overrides: Any) -> Any:
+    """Return a waitress server for the runtime, bound but not yet running.
+
+    Args:
+        runtime: The wired gateway.
+        **overrides: Extra waitress adjustments (for tests).
+    """
+    settings = runtime.settings
+    sweep_storages(runtime)
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "threads": settings.threads,
+        "max_request_body_size": settings.max_upload_bytes
+        + settings.multipart_overhead,
+        "channel_timeout": 60,
+        "clear_untrusted_proxy_headers": True,
+        "ident": "dais",
+    }
+    options.update(overrides)
+    server = create_server(create_app(runtime), **options)
+    log.info("listening on http://%s:%s", settings.host, server.effective_port)
+    return server
+
+
+class BackgroundServer:
+    """Run a waitress server on a thread of its own, and stop it cleanly.
+
+    The event loop runs one poll at a time so that the same thread that polls
+    the sockets also closes them; closing them from another thread would pull
+    a descriptor out from under ``select``.
+
+    Args:
+        server: A server from :func:`make_server` or waitress' ``create_server``.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name="dais-server"
+        )
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        return int(self.server.effective_port)
+
+    def start(self) -> BackgroundServer:
+        """Start serving; return ``self``."""
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, close every connection and wait for the workers."""
+        self._stopping.set()
+        self.server.pull_trigger()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        server = self.server
+        while not self._stopping.is_set():
+            server.asyncore.loop(
+                timeout=server.adj.asyncore_loop_timeout,
+                map=server._map,
+                use_poll=server.adj.asyncore_use_poll,
+                count=1,
+            )
+        for dispatcher in list(server._map.values()):
+            dispatcher.close()
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)

@@ -1,0 +1,68 @@
+"""Configuration: one frozen object, built once at the entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from dais_core.policies import RatePolicy
+
+__all__ = ["DEFAULT_HOME", "GiB", "MiB", "Settings"]
+
+MiB = 2**20
+GiB = 2**30
+DEFAULT_HOME = Path(".dais")
+
+
+@attrs.frozen
+class Settings:
+    """Everything a running gateway needs to know, with production defaults."""
+
+    #: Folder holding the embedded state: the SQLite store and the File Manager.
+    home: Path = DEFAULT_HOME
+    #: Key store and service registry URL; empty means ``<home>/dais.sqlite3``.
+    store_url: str = ""
+    #: Throttle state URL: ``memory://`` keeps it in this process.
+    throttle_url: str = "memory://"
+    #: The File Manager folder; ``None`` means ``<home>/filemanager``.
+    filemanager_root: Path | None = None
+    #: Interface to listen on.
+    host: str = "127.0.0.1"
+    #: Port to listen on; 0 picks a free one.
+    port: int = 8080
+    #: Worker threads of the server.
+    threads: int = 8
+    #: Largest file accepted by the Integration API, in bytes (4 GiB).
+    max_upload_bytes: int = 4 * GiB
+    #: Room allowed for multipart framing on top of the file, in bytes.
+    multipart_overhead: int = 1 * MiB
+    #: Seconds a whole request may take before it is cut off.
+    request_timeout: float = 300.0
+    #: Upload rate per key (one per second, no burst).
+    upload_rate: RatePolicy = RatePolicy(rate=1, period=1.0, burst=1)
+    #: Uploads a key may have in flight at once in one process; 0 for no cap.
+    uploads_in_flight: int = 2
+    #: Webhook rate per key; ``None`` leaves webhook calls unthrottled.
+    gateway_rate: RatePolicy | None = None
+    #: Largest webhook body forwarded, in bytes.
+    max_gateway_body: int = 10 * MiB
+    #: Seconds to wait for an upstream to accept a connection.
+    connect_timeout: float = 5.0
+    #: Seconds to wait for each read of an upstream's answer.
+    read_timeout: float = 30.0
+    #: Extend a caller's ``X-Forwarded-For`` chain instead of starting anew;
+    #: set it only behind a proxy that overwrites the header.
+    trust_forwarded: bool = False
+
+    @property
+    def resolved_store_url(self) -> str:
+        """The store URL, defaulting to a SQLite file in the home folder."""
+        if self.store_url:
+            return self.store_url
+        return f"sqlite:///{(self.home / 'dais.sqlite3').resolve()}"
+
+    @property
+    def resolved_filemanager_root(self) -> Path:
+        """The File Manager folder, defaulting to ``<home>/filemanager``."""
+        return self.filemanager_root or self.home / "filemanager"

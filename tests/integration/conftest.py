@@ -1,0 +1,184 @@
+"""Real servers on 127.0.0.1: the gateway under waitress, and an upstream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import urllib3
+from waitress.server import create_server
+
+from dais_core.keys import new_key
+from dais_core.rules import normalise_prefix
+from dais_core.values import (
+    ApiKey,
+    DataType,
+    Grant,
+    KeyRequest,
+    Permission,
+    ServiceEndpoint,
+)
+from dais_wsgi.bootstrap import AdminStore, admin_store, bootstrap
+from dais_wsgi.server import BackgroundServer, make_server
+from dais_wsgi.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+FAST = {"upload_rate": None}
+
+
+@attrs.define
+class Call:
+    """One request the upstream received."""
+
+    method: str
+    target: str
+    query: str
+    body: bytes
+    headers: dict[str, str]
+
+
+class Upstream:
+    """A real WSGI service on loopback that records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.status = "200 OK"
+        self.delay = 0.0
+        self.server = create_server(
+            self.app,
+            host="127.0.0.1",
+            port=0,
+            threads=4,
+            clear_untrusted_proxy_headers=False,
+        )
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.runner = BackgroundServer(self.server).start()
+
+    def app(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"].read()
+        headers = {
+            k[5:].replace("_", "-").lower(): v
+            for k, v in environ.items()
+            if k.startswith("HTTP_")
+        }
+        if environ.get("CONTENT_TYPE"):
+            headers["content-type"] = environ["CONTENT_TYPE"]
+        self.calls.append(
+            Call(
+                environ["REQUEST_METHOD"],
+                environ["REQUEST_URI"],
+                environ.get("QUERY_STRING", ""),
+                body,
+                headers,
+            )
+        )
+        if self.delay:
+            time.sleep(self.delay)
+        payload = b'{"secret": "upstream data never reaches the caller"}'
+        start_response(
+            self.status,
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(payload))),
+            ],
+        )
+        return [payload]
+
+    def close(self) -> None:
+        self.runner.stop()
+
+
+@attrs.define
+class Gateway:
+    """A running gateway with its admin store."""
+
+    url: str
+    settings: Settings
+    store: AdminStore
+    server: Any
+
+    @property
+    def filemanager(self) -> Path:
+        return self.settings.resolved_filemanager_root
+
+    def make_key(
+        self,
+        project: str = "p1",
+        *,
+        permissions: tuple[tuple[str, str], ...] = (),
+        grants: tuple[tuple[str, tuple[str, ...], DataType], ...] = (),
+        expires: float | None = None,
+    ) -> tuple[str, str]:
+        """Create a key with (service, prefix) permissions and grants."""
+        made = new_key()
+        self.store.add_key(
+            ApiKey(
+                made.id,
+                made.secret_hash,
+                project,
+                "test",
+                KeyRequest(requestor="tests"),
+                time.time(),
+                expires,
+            )
+        )
+        for service, prefix in permissions:
+            self.store.add_permission(
+                made.id, Permission(project, service, normalise_prefix(prefix))
+            )
+        for resource, locations, data_type in grants:
+            self.store.add_grant(made.id, Grant(resource, locations, data_type))
+        return made.id, made.token
+
+    def add_service(self, project: str, version: int, service: str, url: str) -> None:
+        self.store.add_service(ServiceEndpoint(project, version, service, url))
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    """A recording upstream service on loopback."""
+    service = Upstream()
+    yield service
+    service.close()
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """Start gateways on free loopback ports; each is closed after the test."""
+    started: list[Any] = []
+
+    def start(**overrides: Any) -> Gateway:
+        from dais_core.policies import RatePolicy
+
+        if overrides.get("upload_rate", ...) is None:
+            overrides["upload_rate"] = RatePolicy(rate=1000, burst=1000)
+        settings = Settings(home=tmp_path / f"home{len(started)}", port=0, **overrides)
+        runtime = bootstrap(settings)
+        runner = BackgroundServer(make_server(runtime)).start()
+        started.append(runner)
+        return Gateway(
+            f"http://127.0.0.1:{runner.port}", settings, admin_store(settings), runner
+        )
+
+    yield start
+    for runner in started:
+        runner.stop()
+
+
+@pytest.fixture
+def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
+    """A gateway whose upload throttle is loose enough for functional tests."""
+    return start_gateway(**FAST)
+
+
+@pytest.fixture
+def http() -> Iterator[urllib3.PoolManager]:
+    """A real HTTP client."""
+    pool = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(10, 30))
+    yield pool
+    pool.clear()

@@ -1,0 +1,228 @@
+"""The installed ``dais-gateway`` command, end to end, as an admin uses it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import urllib3
+
+from tests.integration.conftest import Upstream
+
+pytestmark = pytest.mark.integration
+
+COMMAND = shutil.which("dais-gateway") or str(
+    Path(sys.executable).parent / "dais-gateway"
+)
+
+
+def run(home: Path, *args: str) -> str:
+    """Run an admin command and return what it printed."""
+    done = subprocess.run(
+        [COMMAND, "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """``dais-gateway serve`` in a child process on a free port."""
+    home = tmp_path / "home"
+    run(home, "keys", "list", "--json")
+    process = subprocess.Popen(
+        [COMMAND, "--home", str(home), "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("dais gateway on http://127.0.0.1:"), line
+    yield home, line.split()[-1]
+    os.kill(process.pid, signal.SIGINT)
+    process.wait(timeout=15)
+
+
+class TestAdminCommands:
+    """Keys, permissions, grants and services from the command line."""
+
+    def test_keys_create_prints_the_secret_once(self, tmp_path):
+        """create --json prints id and key; list never shows the secret."""
+        home = tmp_path / "home"
+        created = json.loads(
+            run(
+                home,
+                "keys",
+                "create",
+                "--project",
+                "p1",
+                "--label",
+                "nightly",
+                "--requestor",
+                "a@example.org",
+                "--approver",
+                "b@example.org",
+                "--case-code",
+                "C-7",
+                "--lighthouse",
+                "--business-case",
+                "exports",
+                "--json",
+            )
+        )
+        assert set(created) == {"id", "key"}
+        assert created["key"].startswith(f"dais_{created['id']}_")
+        listed = run(home, "keys", "list", "--project", "p1", "--json")
+        assert created["key"] not in listed
+        assert created["key"].split("_")[2][:32] not in listed
+        (item,) = json.loads(listed)
+        assert item["id"] == created["id"]
+        assert (item["case_code"], item["lighthouse"], item["label"]) == (
+            "C-7",
+            True,
+            "nightly",
+        )
+        assert json.loads(run(home, "keys", "list", "--project", "p2", "--json")) == []
+
+    def test_the_database_holds_only_a_hash(self, tmp_path):
+        """The secret is nowhere in the SQLite file."""
+        home = tmp_path / "home"
+        created = json.loads(run(home, "keys", "create", "--project", "p1", "--json"))
+        secret = created["key"].split("_")[2][:32]
+        dump = "\n".join(sqlite3.connect(home / "dais.sqlite3").iterdump())
+        assert created["id"] in dump
+        assert secret not in dump
+
+    def test_bad_input_is_refused_with_a_message(self, tmp_path):
+        """An unsafe grant location exits non-zero and says why."""
+        home = tmp_path / "home"
+        key_id = json.loads(run(home, "keys", "create", "--project", "p1", "--json"))[
+            "id"
+        ]
+        done = subprocess.run(
+            [
+                COMMAND,
+                "--home",
+                str(home),
+                "grants",
+                "add",
+                key_id,
+                "--resource",
+                "x",
+                "--to",
+                "filemanager://p1/../../etc/x",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2
+        assert "dot segment" in done.stderr
+
+
+class TestServe:
+    """The served gateway uses what the admin commands stored."""
+
+    def test_upload_webhook_and_revoke(self, served, tmp_path):
+        """Set up by CLI, publish and call a webhook, revoke, then be refused."""
+        home, base = served
+        upstream = Upstream()
+        try:
+            created = json.loads(
+                run(home, "keys", "create", "--project", "p1", "--json")
+            )
+            key_id, token = created["id"], created["key"]
+            run(
+                home,
+                "permissions",
+                "add",
+                key_id,
+                "--project",
+                "p1",
+                "--service",
+                "svc",
+                "--prefix",
+                "/api/webhook",
+            )
+            run(
+                home,
+                "grants",
+                "add",
+                key_id,
+                "--resource",
+                "dirOne/x.csv",
+                "--to",
+                "filemanager://p1/inputs/x.csv",
+                "--type",
+                "csv",
+            )
+            run(
+                home,
+                "services",
+                "add",
+                "--project",
+                "p1",
+                "--lineage-version",
+                "1",
+                "--service",
+                "svc",
+                "--url",
+                upstream.url,
+            )
+            source = tmp_path / "x.csv"
+            source.write_text("a,b\n1,2\n")
+            http = urllib3.PoolManager(retries=False)
+            auth = {"Authorization": f"Bearer {token}"}
+
+            published = http.request(
+                "POST",
+                f"{base}/integration/v1/resources/dirOne/x.csv",
+                fields={"data": ("x.csv", source.read_bytes(), "text/csv")},
+                headers=auth,
+            )
+            assert published.status == 200, published.data
+            assert (
+                home / "filemanager/p1/inputs/x.csv"
+            ).read_bytes() == source.read_bytes()
+
+            hook = f"{base}/project-gateway/webhooks/p1/lineage-version/latest/svc/api/webhook"
+            assert http.request("POST", hook, body=b"hi", headers=auth).status == 200
+            assert upstream.calls[-1].body == b"hi"
+
+            run(home, "keys", "revoke", key_id)
+            assert http.request("POST", hook, body=b"hi", headers=auth).status == 401
+            assert len(upstream.calls) == 1
+        finally:
+            upstream.close()
+
+    def test_stale_staging_files_are_swept_at_start(self, tmp_path):
+        """A staged file left by a killed process is removed when serve starts."""
+        home = tmp_path / "home"
+        staging = home / "filemanager" / ".dais-staging"
+        staging.mkdir(parents=True)
+        (staging / "0123.part").write_bytes(b"half an upload")
+        process = subprocess.Popen(
+            [COMMAND, "--home", str(home), "serve", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline().startswith("dais gateway on")
+            assert list(staging.iterdir()) == []
+        finally:
+            os.kill(process.pid, signal.SIGINT)
+            process.wait(timeout=15)

@@ -1,0 +1,201 @@
+"""Project gateway webhooks over a real waitress server and a real upstream."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+
+import pytest
+import urllib3
+
+from tests.integration.conftest import Gateway, Upstream
+
+pytestmark = pytest.mark.integration
+
+BASE = "/project-gateway/webhooks"
+
+
+@pytest.fixture
+def caller(gateway: Gateway, upstream: Upstream) -> str:
+    """A key of project p1 that may call svc under /api/webhook."""
+    gateway.add_service("p1", 1, "svc", upstream.url + "/v1-base")
+    gateway.add_service("p1", 3, "svc", upstream.url)
+    gateway.add_service("p1", 4, "other", upstream.url)
+    gateway.add_service("p1", 2, "svc", upstream.url + "/v2-base")
+    _, token = gateway.make_key(permissions=(("svc", "/api/webhook"),))
+    return token
+
+
+def call(
+    http: urllib3.PoolManager,
+    gateway: Gateway,
+    token: str | None,
+    path: str,
+    method: str = "POST",
+    **kw: object,
+) -> urllib3.BaseHTTPResponse:
+    headers = dict(kw.pop("headers", {}) or {})  # type: ignore[call-overload]
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return http.request(method, gateway.url + path, headers=headers, **kw)  # type: ignore[arg-type]
+
+
+def raw_call(gateway: Gateway, token: str, target: str) -> tuple[int, bytes]:
+    """Send a request target exactly as written, with no client-side clean-up."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.putrequest("POST", target, skip_accept_encoding=True)
+        connection.putheader("Authorization", f"Bearer {token}")
+        connection.putheader("Content-Length", "0")
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+class TestForwarding:
+    """What reaches the upstream, and what the caller gets back."""
+
+    def test_post_reaches_the_service_unchanged(self, http, gateway, upstream, caller):
+        """Method, path, query and body arrive; Authorization does not."""
+        response = call(
+            http,
+            gateway,
+            caller,
+            f"{BASE}/p1/lineage-version/3/svc/api/webhook/schedule?at=now&x=%20y",
+            body=b'{"run": 1}',
+            headers={"Content-Type": "application/json", "Cookie": "session=1"},
+        )
+        assert response.status == 200
+        assert response.data == b""
+        (seen,) = upstream.calls
+        assert seen.method == "POST"
+        assert seen.target == "/api/webhook/schedule?at=now&x=%20y"
+        assert seen.body == b'{"run": 1}'
+        assert seen.headers["content-type"] == "application/json"
+        assert "authorization" not in seen.headers
+        assert "cookie" not in seen.headers
+        assert seen.headers["x-dais-project"] == "p1"
+        assert seen.headers["x-forwarded-for"] == "127.0.0.1"
+        assert seen.headers["x-request-id"] == response.headers["X-Request-Id"]
+
+    def test_caller_gets_the_upstream_status_with_an_empty_body(
+        self, http, gateway, upstream, caller
+    ):
+        """An upstream 409 with a body becomes a bare 409."""
+        upstream.status = "409 Conflict"
+        response = call(
+            http, gateway, caller, f"{BASE}/p1/lineage-version/3/svc/api/webhook"
+        )
+        assert response.status == 409
+        assert response.data == b""
+
+    @pytest.mark.parametrize(
+        "method", ["GET", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE"]
+    )
+    def test_every_method_is_forwarded(self, http, gateway, upstream, caller, method):
+        """The upstream sees the caller's method."""
+        response = call(
+            http,
+            gateway,
+            caller,
+            f"{BASE}/p1/lineage-version/3/svc/api/webhook/x",
+            method,
+        )
+        assert response.status == 200
+        assert upstream.calls[-1].method == method
+
+    def test_latest_resolves_to_the_highest_version_with_the_service(
+        self, http, gateway, upstream, caller
+    ):
+        """Version 4 lacks svc, so latest is 3."""
+        response = call(
+            http, gateway, caller, f"{BASE}/p1/lineage-version/latest/svc/api/webhook"
+        )
+        assert response.status == 200
+        assert response.headers["Dais-Lineage-Version"] == "3"
+        assert upstream.calls[-1].target == "/api/webhook"
+
+    def test_an_explicit_version_uses_its_base_url(
+        self, http, gateway, upstream, caller
+    ):
+        """Version 2's base URL has a path; the route is appended to it."""
+        call(http, gateway, caller, f"{BASE}/p1/lineage-version/2/svc/api/webhook/a")
+        assert upstream.calls[-1].target == "/v2-base/api/webhook/a"
+
+
+class TestRefusals:
+    """Refused calls never reach the upstream."""
+
+    @pytest.mark.parametrize(
+        ("path", "status"),
+        [
+            ("/p1/lineage-version/3/nosuch/api/webhook", 404),
+            ("/p1/lineage-version/9/svc/api/webhook", 404),
+            ("/p2/lineage-version/1/svc/api/webhook", 403),
+            ("/p1/lineage-version/3/svc/api/other", 403),
+            ("/p1/lineage-version/3/svc/api/webhookx", 403),
+            ("/p1/lineage-version/3/svc/API/webhook", 403),
+            ("/p1/lineage-version/3/svc/api/webhook/../../admin", 400),
+            ("/p1/lineage-version/3/svc/api/webhook/%2e%2e/admin", 400),
+            ("/p1/lineage-version/3/svc/api/webhook%2f..%2fadmin", 400),
+            ("/p1/lineage-version/3/svc/api/webhook/a%5cb", 400),
+            ("/p1/lineage-version/3/svc/api/webhook/%252e%252e", 400),
+            ("/p1/lineage-version/3/svc/api/webhook/a%00", 400),
+            ("/p1/lineage-version/3/svc/api/webhook;x=1/a", 400),
+            ("/p1/lineage-version/3/svc/api//webhook", 400),
+            ("/p1/lineage-version/0/svc/api/webhook", 400),
+            ("/p1/lineage-version/01/svc/api/webhook", 400),
+            ("/p1/lineage-version/-1/svc/api/webhook", 400),
+        ],
+    )
+    def test_refused(self, http, gateway, upstream, caller, path, status):
+        """Each bad call gets its status and the upstream is never called."""
+        got, body = raw_call(gateway, caller, BASE + path)
+        assert got == status, body
+        assert json.loads(body)["error"]
+        assert upstream.calls == []
+
+    def test_missing_and_bad_keys_are_401(self, http, gateway, upstream, caller):
+        """No key, or a garbled one, is 401."""
+        path = f"{BASE}/p1/lineage-version/3/svc/api/webhook"
+        assert call(http, gateway, None, path).status == 401
+        assert call(http, gateway, caller[:-1] + "x", path).status == 401
+        assert upstream.calls == []
+
+    def test_unreachable_upstream_is_502(self, http, gateway, caller):
+        """A service whose port is closed gives 502."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        gateway.add_service("p1", 7, "svc", f"http://127.0.0.1:{closed}")
+        response = call(
+            http, gateway, caller, f"{BASE}/p1/lineage-version/7/svc/api/webhook"
+        )
+        assert (response.status, response.json()["error"]) == (
+            502,
+            "upstream_unreachable",
+        )
+
+    def test_slow_upstream_is_504(self, http, start_gateway, upstream):
+        """An upstream slower than the read timeout gives 504."""
+        gateway = start_gateway(read_timeout=0.3)
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/"),))
+        upstream.delay = 1.0
+        response = call(http, gateway, token, f"{BASE}/p1/lineage-version/1/svc/x")
+        assert (response.status, response.json()["error"]) == (504, "upstream_timeout")
+
+    def test_body_over_the_limit_is_413(self, http, start_gateway, upstream):
+        """A webhook body over the gateway limit is refused before forwarding."""
+        gateway = start_gateway(max_gateway_body=1000)
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/"),))
+        response = call(
+            http, gateway, token, f"{BASE}/p1/lineage-version/1/svc/x", body=b"x" * 1001
+        )
+        assert response.status == 413
+        assert upstream.calls == []
