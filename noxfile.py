@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
-SOURCES = ["src", "tests", "bench", "noxfile.py"]
+SOURCES = [p for p in ("src", "tests", "bench", "noxfile.py") if Path(p).exists()]
 
 
 @nox.session

@@ -8,7 +8,8 @@ and asks :func:`status_for` which status to send::
     ├── InvalidData                    400 invalid_data
     │   ├── InvalidRoute               400 invalid_route
     │   ├── InvalidResourceId          400 invalid_resource_id
-    │   └── CorruptData                400 corrupt_data
+    │   ├── CorruptData                400 corrupt_data
+    │   └── IncompleteBody             400 incomplete_body
     ├── Unauthenticated                401 unauthenticated
     │   └── UnauthorisedPublish        401 unauthorised_publish
     ├── Forbidden                      403 forbidden
@@ -35,6 +36,7 @@ __all__ = [
     "CorruptData",
     "DaisError",
     "Forbidden",
+    "IncompleteBody",
     "InvalidData",
     "InvalidResourceId",
     "InvalidRoute",
@@ -95,6 +97,12 @@ class CorruptData(InvalidData):
     """The payload claims a declared type but is damaged."""
 
     code = "corrupt_data"
+
+
+class IncompleteBody(InvalidData):
+    """The client stopped sending before the body was complete."""
+
+    code = "incomplete_body"
 
 
 class Unauthenticated(DaisError):

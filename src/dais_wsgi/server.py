@@ -10,6 +10,7 @@ from waitress.server import create_server
 
 from dais_wsgi.app import create_app
 from dais_wsgi.bootstrap import Runtime
+from dais_wsgi.streaming import StreamingChannel
 
 __all__ = ["BackgroundServer", "make_server", "sweep_storages"]
 
@@ -37,14 +38,19 @@ def make_server(runtime: Runtime, **overrides: Any) -> Any:
         "host": settings.host,
         "port": settings.port,
         "threads": settings.threads,
-        "max_request_body_size": settings.max_upload_bytes
-        + settings.multipart_overhead,
+        # The application enforces every body limit itself, answering JSON;
+        # waitress' own limit only guards against absurd sizes.
+        "max_request_body_size": 2**62,
+        # Read the socket in large blocks: uploads are few and large.
+        "recv_bytes": 256 * 1024,
         "channel_timeout": 60,
         "clear_untrusted_proxy_headers": True,
         "ident": "dais",
     }
     options.update(overrides)
     server = create_server(create_app(runtime), **options)
+    server.channel_class = StreamingChannel
+    server.dais_request_timeout = settings.request_timeout
     log.info("listening on http://%s:%s", settings.host, server.effective_port)
     return server
 

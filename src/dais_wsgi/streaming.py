@@ -1,0 +1,367 @@
+"""Stream request bodies to the application while they arrive.
+
+Stock waitress reads a whole request body before the application runs,
+spooling it to a temporary file past 512 KiB, and answers
+``Expect: 100-continue`` by itself. For uploads of up to 4 GiB that writes
+every byte to disk twice, and a request refused on its headers (a bad key, an
+over-limit ``Content-Length``) is read in full before it is refused.
+
+:class:`StreamingChannel` hands a request with a body to a worker thread as
+soon as its headers are parsed. The body flows through a bounded
+:class:`BodyPipe`: the event loop appends what it receives and stops reading
+the socket while the pipe is full; the application reads from it. ``100
+Continue`` is sent only when the application first reads the body, so a
+request refused on its headers never has its body invited. When the
+application answers without reading the whole body, the connection is not
+read further: the response is flushed, the sending side shut, and what the
+client still sends is drained for a short while (bounded in bytes and time)
+before the socket is closed, so that the client sees the answer rather than
+a reset.
+
+This relies on waitress internals (``HTTPChannel.received``, ``readable``,
+``service``, the parser's ``body_rcv`` and the buffer interface of its
+receivers), so ``pyproject.toml`` pins waitress to the 3.0 series and
+``tests/integration/test_streaming.py`` covers the behaviour.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import threading
+import time
+from typing import Any
+
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+
+from dais_core.errors import DaisError, IncompleteBody, RequestTimeout, TooLarge
+
+__all__ = ["BodyPipe", "StreamingChannel", "StreamingParser"]
+
+#: Bytes a pipe holds before the event loop stops reading the socket.
+PIPE_HIGH_WATER = 4 * 2**20
+#: What a refused request's client may still send before the socket closes.
+LINGER_BYTES = 4 * 2**20
+LINGER_SECONDS = 2.0
+DEFAULT_REQUEST_TIMEOUT = 300.0
+
+
+class BodyPipe:
+    """A bounded, thread-safe byte queue between the event loop and a worker.
+
+    It stands in for waitress' body buffer (``append``, ``__len__``,
+    ``getfile``, ``close``) on the event-loop side and is the ``wsgi.input``
+    file (``read``, ``readline``, iteration) on the worker side.
+
+    Args:
+        channel: The channel, to send ``100 Continue`` and wake the loop.
+        request: The request whose body this is.
+        deadline: ``time.monotonic()`` value by which the body must be in.
+    """
+
+    def __init__(
+        self, channel: StreamingChannel, request: Any, deadline: float
+    ) -> None:
+        self._cond = threading.Condition()
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._total = 0
+        self._done = False
+        self._error: DaisError | None = None
+        self._channel = channel
+        self._request = request
+        self._deadline = deadline
+        self._invited = False
+
+    # -- event-loop side ----------------------------------------------------
+
+    def append(self, data: bytes) -> None:
+        """Queue bytes received from the socket."""
+        with self._cond:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            self._total += len(data)
+            self._cond.notify()
+
+    def __len__(self) -> int:
+        return self._total
+
+    @property
+    def full(self) -> bool:
+        """Whether the loop should stop reading until the worker catches up."""
+        return self._buffered >= PIPE_HIGH_WATER
+
+    def finish(self) -> None:
+        """Mark the end of the body."""
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def fail(self, error: DaisError) -> None:
+        """End the body with an error the reader will raise."""
+        with self._cond:
+            if not self._done and self._error is None:
+                self._error = error
+            self._cond.notify_all()
+
+    def getfile(self) -> BodyPipe:
+        """Return the reader side: the pipe itself."""
+        return self
+
+    def close(self) -> None:
+        """Drop what is queued; later reads fail."""
+        with self._cond:
+            self._chunks.clear()
+            self._buffered = 0
+        self.fail(IncompleteBody("the request body was not read to its end"))
+
+    # -- worker side --------------------------------------------------------
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Return up to ``size`` bytes (all the rest if negative); ``b""`` at the end.
+
+        Raises:
+            IncompleteBody: The client went away before the body was complete.
+            RequestTimeout: The request's deadline passed.
+            TooLarge: The chunked body ran over the server's limit.
+        """
+        if size is not None and size >= 0:
+            return self._take(size)
+        parts = []
+        while chunk := self._take(1 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """Return one line, up to ``size`` bytes."""
+        line = b""
+        while not line.endswith(b"\n") and (
+            size is None or size < 0 or len(line) < size
+        ):
+            want = 8192 if size is None or size < 0 else size - len(line)
+            chunk = self._take(want)
+            if not chunk:
+                break
+            cut = chunk.find(b"\n") + 1
+            if 0 < cut < len(chunk):
+                self._unread(chunk[cut:])
+                chunk = chunk[:cut]
+            line += chunk
+        return line
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        """Return the remaining lines."""
+        return list(iter(self.readline, b""))
+
+    def __iter__(self) -> BodyPipe:
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def _unread(self, data: bytes) -> None:
+        with self._cond:
+            self._chunks.appendleft(data)
+            self._buffered += len(data)
+
+    def _take(self, size: int) -> bytes:
+        if not self._invited:
+            self._invited = True
+            self._channel.invite(self._request)
+        with self._cond:
+            while not self._chunks:
+                if self._error is not None:
+                    raise self._error
+                if self._done:
+                    return b""
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestTimeout(
+                        "the request did not finish within its deadline"
+                    )
+                self._cond.wait(min(remaining, 1.0))
+            was_full = self.full
+            data = self._pop(size)
+        if was_full and not self.full:
+            self._channel.server.pull_trigger()
+        return data
+
+    def _pop(self, size: int) -> bytes:
+        # Caller holds the lock. A whole chunk is returned without a copy.
+        first = self._chunks[0]
+        if len(first) <= size:
+            self._chunks.popleft()
+            self._buffered -= len(first)
+            return first
+        self._chunks[0] = first[size:]
+        self._buffered -= size
+        return first[:size]
+
+
+class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
+    """waitress' request parser, remembering when the request began."""
+
+    pipe: BodyPipe | None = None
+    wants_continue = False
+
+    def __init__(self, adj: Any) -> None:
+        super().__init__(adj)
+        self.started = time.monotonic()
+
+
+class StreamingChannel(HTTPChannel):  # type: ignore[misc]
+    """A waitress channel that streams request bodies to the application."""
+
+    parser_class = StreamingParser
+    request: StreamingParser | None
+    requests: list[StreamingParser]
+    will_close: bool
+    close_when_flushed: bool
+    linger_until = 0.0
+    linger_budget = 0
+    linger_shut = False
+
+    @property
+    def request_timeout(self) -> float:
+        """Seconds a whole request may take (the server's setting)."""
+        return float(
+            getattr(self.server, "dais_request_timeout", DEFAULT_REQUEST_TIMEOUT)
+        )
+
+    def received(self, data: bytes) -> bool:
+        """Parse incoming bytes; dispatch a request as soon as its headers are in."""
+        if not data:
+            return False
+        with self.requests_lock:
+            if self.linger_until:
+                self.linger_budget -= len(data)
+                return True
+            if self.will_close or self.close_when_flushed:
+                return False
+            while data:
+                if self.request is None:
+                    self.request = self.parser_class(self.adj)
+                request = self.request
+                consumed = request.received(data)
+                if (
+                    request.headers_finished
+                    and not request.completed
+                    and request.pipe is None
+                    and request.body_rcv is not None
+                ):
+                    self._dispatch_streaming(request)
+                if request.completed:
+                    self._completed(request)
+                if consumed >= len(data):
+                    break
+                data = data[consumed:]
+        return True
+
+    def _dispatch_streaming(self, request: StreamingParser) -> None:
+        # Caller holds requests_lock.
+        deadline = request.started + self.request_timeout
+        pipe = BodyPipe(self, request, deadline)
+        request.body_rcv.getbuf().close()
+        request.body_rcv.buf = pipe
+        request.pipe = pipe
+        request.wants_continue = request.expect_continue
+        request.expect_continue = False
+        self.requests.append(request)
+        if len(self.requests) == 1:
+            self.server.add_task(self)
+
+    def _completed(self, request: StreamingParser) -> None:
+        # Caller holds requests_lock.
+        self.sent_continue = False
+        if request.pipe is not None:
+            if request.error is None:
+                request.pipe.finish()
+            elif request.error.code == 413:
+                request.pipe.fail(TooLarge("the body is over the server's limit"))
+            else:
+                request.pipe.fail(IncompleteBody("the body's framing is malformed"))
+        elif not request.empty:
+            self.requests.append(request)
+            if len(self.requests) == 1:
+                self.server.add_task(self)
+        self.request = None
+
+    def invite(self, request: StreamingParser) -> None:
+        """Send ``100 Continue`` if the client waits for it (from a worker)."""
+        if request.wants_continue:
+            request.wants_continue = False
+            self.write_soon(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.server.pull_trigger()
+
+    def readable(self) -> bool:
+        """Read while a streamed body has room, or while lingering."""
+        now = time.monotonic()
+        if self.linger_until:
+            if now > self.linger_until or self.linger_budget <= 0:
+                self.will_close = True
+                return False
+            return True
+        request = self.request
+        if request is not None and now - request.started > self.request_timeout:
+            if request.pipe is None:
+                self.will_close = True
+                return False
+            request.pipe.fail(
+                RequestTimeout("the request did not finish within its deadline")
+            )
+        if request is not None and request.pipe is not None:
+            return not (self.will_close or self.close_when_flushed or request.pipe.full)
+        return bool(super().readable())
+
+    def handle_read(self) -> None:
+        """Read from the socket; a closed socket ends a streamed body."""
+        super().handle_read()
+        if not self.connected:
+            self._fail_body()
+
+    def handle_close(self) -> None:
+        """Close the socket; a streamed body still coming ends with an error."""
+        self._fail_body()
+        super().handle_close()
+
+    def writable(self) -> bool:
+        """Write while output is pending, or to shut the sending side."""
+        return bool(super().writable()) or bool(
+            self.linger_until and not self.linger_shut
+        )
+
+    def handle_write(self) -> None:
+        """Flush output; when lingering, shut the sending side once flushed."""
+        super().handle_write()
+        if self.linger_until and not self.linger_shut and not self.total_outbufs_len:
+            self.linger_shut = True
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.will_close = True
+
+    def service(self) -> None:
+        """Serve one request; stop reading a body the application left unread."""
+        request = self.requests[0]
+        super().service()
+        if request.pipe is not None and not request.completed:
+            with self.requests_lock:
+                if self.request is request:
+                    self.request = None
+                self.close_when_flushed = False
+                self.linger_until = time.monotonic() + LINGER_SECONDS
+                self.linger_budget = LINGER_BYTES
+            self.server.pull_trigger()
+
+    def _fail_body(self) -> None:
+        request = self.request
+        if request is not None and request.pipe is not None:
+            request.pipe.fail(
+                IncompleteBody(
+                    "the client closed the connection before the body was complete"
+                )
+            )

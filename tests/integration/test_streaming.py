@@ -1,0 +1,286 @@
+"""Bodies stream to the application: early refusal, deadlines, disconnects."""
+
+from __future__ import annotations
+
+import contextlib
+import filecmp
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dais_core.values import DataType
+from tests.integration.conftest import FAST, Gateway
+
+pytestmark = pytest.mark.integration
+
+CURL = shutil.which("curl")
+MiB = 2**20
+GiB = 2**30
+
+
+def sparse(path: Path, size: int) -> Path:
+    """A file of ``size`` zero bytes that takes no room on disk."""
+    with path.open("wb") as handle:
+        handle.truncate(size)
+    return path
+
+
+def curl_upload(url: str, token: str, source: Path, *extra: str) -> tuple[int, int]:
+    """Upload with curl -F; return the status and the bytes curl sent."""
+    assert CURL, "curl is needed for the integration tests"
+    done = subprocess.run(
+        [
+            CURL,
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_upload}",
+            "--max-time",
+            "120",
+            "-H",
+            f"Authorization: Bearer {token}",
+            *extra,
+            "-F",
+            f"data=@{source}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    status, sent = done.stdout.split()
+    return int(status), int(float(sent))
+
+
+def staged(gateway: Gateway) -> list[Path]:
+    folder = gateway.filemanager / ".dais-staging"
+    return list(folder.iterdir()) if folder.exists() else []
+
+
+def wait_until_empty(gateway: Gateway, seconds: float = 10.0) -> list[Path]:
+    """Poll (bounded) until no staged copy is left; return what is left."""
+    deadline = time.monotonic() + seconds
+    while staged(gateway) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return staged(gateway)
+
+
+@pytest.fixture
+def grant(gateway: Gateway) -> tuple[str, str]:
+    return gateway.make_key(
+        grants=(("big/", ("filemanager://p1/big/",), DataType.BINARY),)
+    )
+
+
+def raw_upload_head(gateway: Gateway, token: str, resource: str, length: int) -> bytes:
+    """The headers and opening of a multipart upload with a declared length."""
+    boundary = "b0undary"
+    opening = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="data"; '
+        f'filename="x"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    ).encode()
+    port = gateway.url.rsplit(":", 1)[1]
+    head = (
+        f"POST /integration/v1/resources/{resource} HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(opening) + length}\r\n\r\n"
+    ).encode()
+    return head + opening
+
+
+def connect(gateway: Gateway) -> socket.socket:
+    port = int(gateway.url.rsplit(":", 1)[1])
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def read_status(sock: socket.socket) -> int:
+    """Read an answer's status line, or 0 if the connection closed first."""
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return int(data.split()[1]) if data.startswith(b"HTTP/1.1") else 0
+
+
+class TestEarlyRefusal:
+    """Requests refused on their headers are not read."""
+
+    def test_a_1_gib_upload_with_a_bad_key_is_refused_before_its_body(
+        self, gateway, grant, tmp_path
+    ):
+        """curl -F sends Expect: 100-continue; the 401 comes before the body."""
+        source = sparse(tmp_path / "big.bin", GiB)
+        token = grant[1][:-1] + ("x" if grant[1][-1] != "x" else "y")
+        status, sent = curl_upload(
+            f"{gateway.url}/integration/v1/resources/big/x", token, source
+        )
+        assert status == 401
+        assert sent < 4 * MiB
+
+    def test_without_expect_the_server_stops_reading_after_a_few_mib(
+        self, gateway, grant, tmp_path
+    ):
+        """A client that pushes its body at once is cut off after a bounded drain."""
+        source = sparse(tmp_path / "big.bin", GiB)
+        status, sent = curl_upload(
+            f"{gateway.url}/integration/v1/resources/other/x",
+            grant[1],
+            source,
+            "-H",
+            "Expect:",
+        )
+        assert status == 401
+        assert sent < 64 * MiB
+
+    def test_a_content_length_over_the_limit_is_413_before_the_body(
+        self, start_gateway, tmp_path
+    ):
+        """An over-limit Content-Length is refused from the header."""
+        gateway = start_gateway(max_upload_bytes=MiB, **FAST)
+        _, token = gateway.make_key(
+            grants=(("x", ("filemanager://p1/x",), DataType.BINARY),)
+        )
+        source = sparse(tmp_path / "big.bin", 256 * MiB)
+        status, sent = curl_upload(
+            f"{gateway.url}/integration/v1/resources/x", token, source
+        )
+        assert status == 413
+        assert sent < 4 * MiB
+        assert not (gateway.filemanager / "p1/x").exists()
+
+
+class TestChunked:
+    """Bodies without Content-Length are accepted and limited like any other."""
+
+    def test_a_chunked_upload_lands_whole(self, gateway, grant, tmp_path):
+        """curl with Transfer-Encoding: chunked publishes the file."""
+        source = tmp_path / "x.bin"
+        source.write_bytes(bytes(range(256)) * 40_000)
+        status, _ = curl_upload(
+            f"{gateway.url}/integration/v1/resources/big/x.bin",
+            grant[1],
+            source,
+            "-H",
+            "Transfer-Encoding: chunked",
+        )
+        assert status == 200
+        assert (
+            gateway.filemanager / "p1/big/x.bin"
+        ).read_bytes() == source.read_bytes()
+
+    def test_a_chunked_upload_over_the_limit_is_413(self, start_gateway, tmp_path):
+        """A chunked body that runs over the limit is cut off; nothing is written."""
+        gateway = start_gateway(max_upload_bytes=MiB, **FAST)
+        _, token = gateway.make_key(
+            grants=(("x", ("filemanager://p1/x",), DataType.BINARY),)
+        )
+        source = sparse(tmp_path / "big.bin", 8 * MiB)
+        status, _ = curl_upload(
+            f"{gateway.url}/integration/v1/resources/x",
+            token,
+            source,
+            "-H",
+            "Transfer-Encoding: chunked",
+        )
+        assert status == 413
+        assert not (gateway.filemanager / "p1/x").exists()
+        assert wait_until_empty(gateway) == []
+
+
+class TestDeadlinesAndDisconnects:
+    """Slow or vanished clients leave nothing behind."""
+
+    def test_a_trickling_client_is_cut_off_at_the_deadline(self, start_gateway):
+        """A body sent a byte at a time gets 408 at the deadline; nothing lands."""
+        gateway = start_gateway(request_timeout=1.5, **FAST)
+        _, token = gateway.make_key(
+            grants=(("x", ("filemanager://p1/x",), DataType.BINARY),)
+        )
+        with connect(gateway) as sock:
+            sock.sendall(raw_upload_head(gateway, token, "x", 1000))
+            started = time.monotonic()
+            status = 0
+            for _ in range(60):
+                try:
+                    sock.sendall(b"z")
+                except OSError:
+                    break
+                sock.settimeout(0.1)
+                try:
+                    peek = sock.recv(4096, socket.MSG_PEEK)
+                except TimeoutError:
+                    continue
+                status = read_status(sock) if peek else 0
+                break
+            elapsed = time.monotonic() - started
+        assert status == 408
+        assert 1.0 < elapsed < 5.0
+        assert not (gateway.filemanager / "p1/x").exists()
+        assert wait_until_empty(gateway) == []
+
+    def test_a_client_stalling_in_its_headers_is_disconnected(self, start_gateway):
+        """Half-sent headers do not hold a connection past the deadline."""
+        gateway = start_gateway(request_timeout=1.0, **FAST)
+        with connect(gateway) as sock:
+            sock.sendall(b"POST /integration/v1/resources/x HTTP/1.1\r\nHost: a\r\n")
+            started = time.monotonic()
+            sock.settimeout(6)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(4096) == b""
+            assert time.monotonic() - started < 5.0
+
+    def test_a_client_that_disconnects_mid_upload_leaves_nothing(self, gateway, grant):
+        """Half a body then a closed socket: no file, no staged copy."""
+        with connect(gateway) as sock:
+            sock.sendall(raw_upload_head(gateway, grant[1], "big/gone.bin", 8 * MiB))
+            sock.sendall(b"y" * (2 * MiB))
+            time.sleep(0.3)
+        assert wait_until_empty(gateway) == []
+        assert not (gateway.filemanager / "p1/big/gone.bin").exists()
+
+    def test_a_disconnect_keeps_the_previous_copy(self, gateway, grant, tmp_path):
+        """An interrupted overwrite leaves the earlier file untouched."""
+        source = tmp_path / "v1"
+        source.write_bytes(b"version one")
+        assert (
+            curl_upload(
+                f"{gateway.url}/integration/v1/resources/big/keep", grant[1], source
+            )[0]
+            == 200
+        )
+        with connect(gateway) as sock:
+            sock.sendall(raw_upload_head(gateway, grant[1], "big/keep", 4 * MiB))
+            sock.sendall(b"w" * MiB)
+            time.sleep(0.3)
+        assert wait_until_empty(gateway) == []
+        assert (gateway.filemanager / "p1/big/keep").read_bytes() == b"version one"
+
+
+class TestLargeUploads:
+    """Large files stream through whole."""
+
+    def test_a_64_mib_random_file_lands_byte_identical(self, gateway, grant, tmp_path):
+        """curl waits for 100 Continue, streams 64 MiB, and the copy is exact."""
+        source = tmp_path / "random.bin"
+        with source.open("wb") as handle:
+            for _ in range(64):
+                handle.write(os.urandom(MiB))
+        status, sent = curl_upload(
+            f"{gateway.url}/integration/v1/resources/big/random.bin", grant[1], source
+        )
+        assert status == 200
+        assert sent > 64 * MiB
+        stored = gateway.filemanager / "p1/big/random.bin"
+        assert filecmp.cmp(stored, source, shallow=False)
