@@ -7,13 +7,20 @@ third-party plugins do. A plugin module defines functions marked with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import attrs
 import pluggy
 
-from dais_core.ports import Forwarder, KeyStore, ServiceRegistry, Storage, ThrottleState
+from dais_core.ports import (
+    Forwarder,
+    Inspector,
+    KeyStore,
+    ServiceRegistry,
+    Storage,
+    ThrottleState,
+)
 from dais_core.values import ForwardRecord, PublishRecord
 
 __all__ = [
@@ -68,6 +75,11 @@ class Specs:
     @hookspec
     def dais_storages(self, context: StorageContext) -> Mapping[str, Storage]:
         """Return the storages this plugin serves, by URI scheme."""
+        raise NotImplementedError
+
+    @hookspec
+    def dais_inspectors(self) -> Sequence[Inspector]:
+        """Return deeper checks of staged copies, run before any commit."""
         raise NotImplementedError
 
     @hookspec(firstresult=True)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 STAGING_FOLDER = ".dais-staging"
 _SUFFIX = ".part"
+_PREVIOUS = ".prev"
 
 
 @contextlib.contextmanager
@@ -49,23 +50,44 @@ def _fsync_folder(folder: Path) -> None:
 
 
 class _StagedFile:
-    """A staged copy: a private file that becomes the destination on commit."""
+    """A staged copy: a private file that becomes the destination on commit.
 
-    def __init__(self, temp: Path, destination: Path, handle: BinaryIO) -> None:
+    On commit the previous file, if any, is kept as a hard link in the
+    staging folder until :meth:`release`, so that :meth:`rollback` can put it
+    back if another location of the same publish fails.
+    """
+
+    def __init__(
+        self, temp: Path, destination: Path, handle: BinaryIO, staging: Path
+    ) -> None:
         self.temp = temp
         self.destination = destination
         self.handle = handle
+        self.staging = staging
+        self.previous: Path | None = None
+        self.committed = False
 
     def write(self, chunk: bytes) -> None:
         with _translated("write the file"):
             self.handle.write(chunk)
+
+    def flushed_path(self) -> Path:
+        """Flush what was written and return the staged file, for inspection."""
+        with _translated("flush the file"):
+            self.handle.flush()
+        return self.temp
 
     def commit(self) -> None:
         with _translated("store the file"):
             self.handle.flush()
             os.fsync(self.handle.fileno())
             self.handle.close()
+            if self.destination.is_file():
+                previous = self.staging / f"{uuid.uuid4().hex}{_PREVIOUS}"
+                os.link(self.destination, previous)
+                self.previous = previous
             os.replace(self.temp, self.destination)
+            self.committed = True
             _fsync_folder(self.destination.parent)
         log.debug("committed %s", self.destination)
 
@@ -73,6 +95,24 @@ class _StagedFile:
         with _translated("drop a staged file"):
             self.handle.close()
             self.temp.unlink(missing_ok=True)
+
+    def rollback(self) -> None:
+        if not self.committed:
+            return
+        with _translated("restore the previous file"):
+            if self.previous is not None:
+                os.replace(self.previous, self.destination)
+                self.previous = None
+            else:
+                self.destination.unlink(missing_ok=True)
+            _fsync_folder(self.destination.parent)
+        log.warning("rolled back %s", self.destination)
+
+    def release(self) -> None:
+        if self.previous is not None:
+            with _translated("drop the previous file"):
+                self.previous.unlink(missing_ok=True)
+            self.previous = None
 
 
 class LocalFolderStorage:
@@ -117,17 +157,19 @@ class LocalFolderStorage:
             self.staging.mkdir(parents=True, exist_ok=True)
             temp = self.staging / f"{uuid.uuid4().hex}{_SUFFIX}"
             handle = open(temp, "xb")  # noqa: SIM115 - closed by commit or abort
-        return _StagedFile(temp, destination, handle)
+        return _StagedFile(temp, destination, handle, self.staging)
 
     def sweep(self) -> int:
         """Remove staged copies left by a process that died; return how many.
 
-        Call it only when no upload is in flight, at start-up.
+        Staged copies (``.part``) and the previous files kept for a rollback
+        (``.prev``) are all removed. Call it only when no upload is in
+        flight, at start-up.
         """
         removed = 0
         if not self.staging.is_dir():
             return removed
-        for stale in self.staging.glob(f"*{_SUFFIX}"):
+        for stale in self.staging.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
                 removed += 1
@@ -139,4 +181,5 @@ class LocalFolderStorage:
 @hookimpl
 def dais_storages(context: StorageContext) -> Mapping[str, Storage]:
     """Serve ``filemanager://`` locations from the File Manager folder."""
-    return {"filemanager": LocalFolderStorage(context.filemanager_root)}
+    storage: Storage = LocalFolderStorage(context.filemanager_root)
+    return {"filemanager": storage}

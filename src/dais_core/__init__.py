@@ -33,6 +33,7 @@ from dais_core.keys import NewKey, hash_secret, new_key, parse_token
 from dais_core.policies import (
     ConcurrencyCap,
     Decision,
+    KeyedLocks,
     RatePolicy,
     Target,
     Throttler,
@@ -45,6 +46,7 @@ from dais_core.ports import (
     Clock,
     Forwarder,
     ForwardRequest,
+    Inspector,
     KeyStore,
     Readable,
     ServiceRegistry,
@@ -112,6 +114,7 @@ __all__ = [
     # policies
     "ConcurrencyCap",
     "Decision",
+    "KeyedLocks",
     "RatePolicy",
     "Target",
     "Throttler",
@@ -124,6 +127,7 @@ __all__ = [
     "Clock",
     "ForwardRequest",
     "Forwarder",
+    "Inspector",
     "KeyStore",
     "Readable",
     "ServiceRegistry",

@@ -6,9 +6,10 @@ GCRA arithmetic runs in-process or on a shared store.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
 
@@ -20,6 +21,7 @@ from dais_core.values import Grant, Permission, ServiceEndpoint
 __all__ = [
     "ConcurrencyCap",
     "Decision",
+    "KeyedLocks",
     "RatePolicy",
     "Target",
     "Throttler",
@@ -231,6 +233,49 @@ class Throttler:
                 decision=decision,
             )
         return decision
+
+
+class KeyedLocks:
+    """In-process locks by name, taken in a fixed order to avoid deadlock.
+
+    Publishes to the same locations commit one at a time, so the last to
+    commit wins at every location. Locks that nobody holds are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, names: Iterable[str]) -> Iterator[None]:
+        """Hold the locks of ``names`` for the duration of the block."""
+        ordered = sorted(set(names))
+        locks = [self._checkout(name) for name in ordered]
+        taken: list[threading.Lock] = []
+        try:
+            for lock in locks:
+                lock.acquire()
+                taken.append(lock)
+            yield
+        finally:
+            for lock in reversed(taken):
+                lock.release()
+            for name in ordered:
+                self._checkin(name)
+
+    def _checkout(self, name: str) -> threading.Lock:
+        with self._guard:
+            lock, users = self._locks.get(name, (threading.Lock(), 0))
+            self._locks[name] = (lock, users + 1)
+            return lock
+
+    def _checkin(self, name: str) -> None:
+        with self._guard:
+            lock, users = self._locks[name]
+            if users > 1:
+                self._locks[name] = (lock, users - 1)
+            else:
+                del self._locks[name]
 
 
 class ConcurrencyCap:

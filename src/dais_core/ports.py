@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
-from dais_core.values import Credential, ForwardRecord, PublishRecord, ServiceEndpoint
+from dais_core.values import (
+    Credential,
+    DataType,
+    ForwardRecord,
+    PublishRecord,
+    ServiceEndpoint,
+)
 
 if TYPE_CHECKING:
     from dais_core.policies import Decision, RatePolicy
@@ -22,6 +28,7 @@ __all__ = [
     "Clock",
     "ForwardRequest",
     "Forwarder",
+    "Inspector",
     "KeyStore",
     "Readable",
     "ServiceRegistry",
@@ -80,6 +87,22 @@ class StagedWrite(Protocol):
 
     def abort(self) -> None:
         """Drop the staged copy; the location keeps what it had."""
+        ...
+
+    def rollback(self) -> None:
+        """After a commit, put back what the location held before it."""
+        ...
+
+    def release(self) -> None:
+        """After every location committed, forget what rollback would need."""
+        ...
+
+
+class Inspector(Protocol):
+    """A check of the staged copies that needs more than the byte stream."""
+
+    def inspect(self, data_type: DataType, staged: Sequence[StagedWrite]) -> None:
+        """Raise :class:`~dais_core.errors.CorruptData` if the file is damaged."""
         ...
 
 

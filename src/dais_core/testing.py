@@ -70,6 +70,7 @@ class _MemoryStaged:
         self.storage = storage
         self.location = location
         self.parts: list[bytes] = []
+        self.previous: bytes | None = None
 
     def write(self, chunk: bytes) -> None:
         if self.location.uri in self.storage.fail_on_write:
@@ -79,11 +80,21 @@ class _MemoryStaged:
     def commit(self) -> None:
         if self.location.uri in self.storage.fail_on_commit:
             raise PublishFailed("commit refused")
+        self.previous = self.storage.files.get(self.location.uri)
         self.storage.files[self.location.uri] = b"".join(self.parts)
         self.storage.staged.discard(self)
 
     def abort(self) -> None:
         self.storage.staged.discard(self)
+
+    def rollback(self) -> None:
+        if self.previous is None:
+            self.storage.files.pop(self.location.uri, None)
+        else:
+            self.storage.files[self.location.uri] = self.previous
+
+    def release(self) -> None:
+        self.previous = None
 
 
 class MemoryStorage:

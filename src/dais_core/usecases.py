@@ -23,8 +23,13 @@ from dais_core.errors import (
 )
 from dais_core.gateway import GatewayCall, upstream_url
 from dais_core.keys import parse_token, secret_matches
-from dais_core.policies import Target, require_permission, resolve_endpoint
-from dais_core.ports import KeyStore, ServiceRegistry, StagedWrite, Storage
+from dais_core.policies import (
+    KeyedLocks,
+    Target,
+    require_permission,
+    resolve_endpoint,
+)
+from dais_core.ports import Inspector, KeyStore, ServiceRegistry, StagedWrite, Storage
 from dais_core.rules import Location
 from dais_core.values import Credential, Permission, ServiceEndpoint
 
@@ -121,17 +126,6 @@ class PublishResult:
     locations: tuple[str, ...]
 
 
-def _outcomes(
-    locations: tuple[Location, ...], states: list[str], failure: DaisError
-) -> list[dict[str, str]]:
-    shown = {"pending": "aborted", "staged": "aborted"}
-    return [
-        {"location": loc.uri, "outcome": shown.get(state, state)}
-        | ({"reason": failure.message} if state == "failed" else {})
-        for loc, state in zip(locations, states, strict=True)
-    ]
-
-
 def _storage(storages: Mapping[str, Storage], location: Location) -> Storage:
     try:
         return storages[location.scheme]
@@ -139,12 +133,131 @@ def _storage(storages: Mapping[str, Storage], location: Location) -> Storage:
         raise PublishFailed(f"no storage for scheme {location.scheme!r}") from None
 
 
-def _abort(staged: list[StagedWrite]) -> None:
-    for copy in staged:
-        # A copy that fails to abort was never visible; the start-up sweep
-        # clears it.
-        with contextlib.suppress(DaisError):
-            copy.abort()
+class _Publication:
+    """The staged copies of one publish, and what happened to each."""
+
+    def __init__(self, target: Target, storages: Mapping[str, Storage]) -> None:
+        self.target = target
+        self.storages = storages
+        self.staged: list[StagedWrite] = []
+        self.states = ["pending"] * len(target.locations)
+
+    def fail(self, index: int, error: DaisError, message: str) -> PublishFailed:
+        """Record ``index`` as failed and build the 500 with every outcome."""
+        self.states[index] = "failed"
+        shown = {"pending": "aborted", "staged": "aborted"}
+        outcomes = [
+            {"location": location.uri, "outcome": shown.get(state, state)}
+            | ({"reason": error.message} if state == "failed" else {})
+            for location, state in zip(self.target.locations, self.states, strict=True)
+        ]
+        return PublishFailed(message, locations=outcomes)
+
+    def abort(self) -> None:
+        """Drop every staged copy that is not committed."""
+        for copy, state in zip(self.staged, self.states, strict=False):
+            if state == "staged":
+                # A copy that fails to abort was never visible; the start-up
+                # sweep clears it.
+                with contextlib.suppress(DaisError):
+                    copy.abort()
+
+    def stage(self) -> None:
+        """Open a staged copy at every location.
+
+        Raises:
+            PublishFailed: A location refused; the others are aborted.
+        """
+        for index, location in enumerate(self.target.locations):
+            try:
+                self.staged.append(_storage(self.storages, location).stage(location))
+            except DaisError as exc:
+                self.abort()
+                raise self.fail(index, exc, _NOTHING_CHANGED) from exc
+            self.states[index] = "staged"
+
+    def stream(
+        self,
+        chunks: Iterable[bytes],
+        max_size: int,
+        expected_sha256: str | None,
+        inspector: Inspector | None,
+    ) -> tuple[int, str]:
+        """Write every chunk to every staged copy, then check the whole file.
+
+        Raises:
+            DaisError: The body, its type, its digest or a location failed;
+                every staged copy is aborted.
+        """
+        # Hot path: every byte of every upload passes through this loop once.
+        hasher = hashlib.sha256()
+        check = check_for(self.target.grant.data_type)
+        size = index = 0
+        try:
+            for chunk in chunks:
+                size += len(chunk)
+                if size > max_size:
+                    raise TooLarge(f"the file is over the limit of {max_size} bytes")
+                hasher.update(chunk)
+                check.feed(chunk)
+                # ``index`` names the failing copy in the handler below.
+                for index, copy in enumerate(self.staged):  # noqa: B007
+                    copy.write(chunk)
+            check.finish(size)
+            digest = hasher.hexdigest()
+            if expected_sha256 is not None and expected_sha256 != digest:
+                raise InvalidData(
+                    "the file's SHA-256 does not match the digest sent with it",
+                    sha256=digest,
+                )
+            if inspector is not None:
+                inspector.inspect(self.target.grant.data_type, self.staged)
+        except PublishFailed as exc:
+            self.abort()
+            raise self.fail(index, exc, _NOTHING_CHANGED) from exc
+        except BaseException:
+            self.abort()
+            raise
+        return size, digest
+
+    def commit(self) -> None:
+        """Commit every copy; on a failure, put back what was committed.
+
+        Raises:
+            PublishFailed: A commit failed; earlier copies were rolled back
+                to their previous content and later ones aborted.
+        """
+        for index, copy in enumerate(self.staged):
+            try:
+                copy.commit()
+            except DaisError as exc:
+                with contextlib.suppress(DaisError):
+                    copy.abort()
+                self.states[index] = "failed"
+                self.abort()
+                self.rollback(index)
+                raise self.fail(
+                    index,
+                    exc,
+                    "a storage location failed while committing; the locations "
+                    "committed before it were rolled back",
+                ) from exc
+            self.states[index] = "committed"
+        for copy in self.staged:
+            with contextlib.suppress(DaisError):
+                copy.release()
+
+    def rollback(self, failed: int) -> None:
+        """Restore the previous content of the copies committed before ``failed``."""
+        for index in reversed(range(failed)):
+            try:
+                self.staged[index].rollback()
+                self.states[index] = "rolled_back"
+            except DaisError:
+                self.states[index] = "rollback_failed"
+
+
+_NOTHING_CHANGED = "a storage location failed; nothing was changed"
 
 
 def publish(
@@ -155,13 +268,16 @@ def publish(
     *,
     max_size: int,
     expected_sha256: str | None = None,
+    inspector: Inspector | None = None,
+    locks: KeyedLocks | None = None,
 ) -> PublishResult:
     """Stream a file into a staged copy at every location, then commit all.
 
     The chunks are read once; each is hashed, checked against the declared
     type and written to every staged copy. Only when the whole file is in,
     valid and of the expected digest is any copy committed. Any failure
-    before that aborts every copy, so each location keeps its previous file.
+    before that aborts every copy, so each location keeps its previous file;
+    a failure while committing rolls the committed copies back.
 
     Args:
         resource_id: The checked resource id.
@@ -171,6 +287,9 @@ def publish(
         storages: A storage per URI scheme.
         max_size: The largest file accepted, in bytes.
         expected_sha256: A hex SHA-256 the client announced, if any.
+        inspector: A deeper check of the staged copies (SQLite integrity).
+        locks: Serialises commits to the same locations, so that of two
+            concurrent uploads one wins at every location.
 
     Raises:
         TooLarge: The file is over ``max_size``.
@@ -179,80 +298,10 @@ def publish(
         InvalidData: The digest does not match.
         PublishFailed: A location failed; the body lists each outcome.
     """
-    locations = target.locations
-    states = ["pending"] * len(locations)
-    staged: list[StagedWrite] = []
-    try:
-        for index, location in enumerate(locations):
-            staged.append(_storage(storages, location).stage(location))
-            states[index] = "staged"
-    except DaisError as exc:
-        _abort(staged)
-        states[len(staged)] = "failed"
-        raise PublishFailed(
-            "a storage location failed; nothing was changed",
-            locations=_outcomes(locations, states, exc),
-        ) from exc
-
-    size, digest = _stream(chunks, staged, target, max_size, expected_sha256, states)
-    _commit(staged, locations, states)
-    return PublishResult(resource_id, size, digest, tuple(loc.uri for loc in locations))
-
-
-def _stream(
-    chunks: Iterable[bytes],
-    staged: list[StagedWrite],
-    target: Target,
-    max_size: int,
-    expected_sha256: str | None,
-    states: list[str],
-) -> tuple[int, str]:
-    # Hot path: every byte of every upload passes through this loop once.
-    hasher = hashlib.sha256()
-    check = check_for(target.grant.data_type)
-    size = 0
-    index = 0
-    try:
-        for chunk in chunks:
-            size += len(chunk)
-            if size > max_size:
-                raise TooLarge(f"the file is over the limit of {max_size} bytes")
-            hasher.update(chunk)
-            check.feed(chunk)
-            # ``index`` names the failing copy in the handler below.
-            for index, copy in enumerate(staged):  # noqa: B007
-                copy.write(chunk)
-        check.finish(size)
-        digest = hasher.hexdigest()
-        if expected_sha256 is not None and expected_sha256 != digest:
-            raise InvalidData(
-                "the file's SHA-256 does not match the digest sent with it",
-                sha256=digest,
-            )
-    except PublishFailed as exc:
-        _abort(staged)
-        states[index] = "failed"
-        raise PublishFailed(
-            "a storage location failed; nothing was changed",
-            locations=_outcomes(target.locations, states, exc),
-        ) from exc
-    except BaseException:
-        _abort(staged)
-        raise
-    return size, digest
-
-
-def _commit(
-    staged: list[StagedWrite], locations: tuple[Location, ...], states: list[str]
-) -> None:
-    for index, copy in enumerate(staged):
-        try:
-            copy.commit()
-        except DaisError as exc:
-            states[index] = "failed"
-            _abort(staged[index + 1 :])
-            raise PublishFailed(
-                "a storage location failed while committing",
-                locations=_outcomes(locations, states, exc),
-            ) from exc
-        states[index] = "committed"
+    run = _Publication(target, storages)
+    run.stage()
+    size, digest = run.stream(chunks, max_size, expected_sha256, inspector)
+    uris = tuple(location.uri for location in target.locations)
+    with locks.hold(uris) if locks is not None else contextlib.nullcontext():
+        run.commit()
+    return PublishResult(resource_id, size, digest, uris)

@@ -232,6 +232,8 @@ class UploadSink:
                 runtime.storages,
                 max_size=settings.max_upload_bytes,
                 expected_sha256=expected,
+                inspector=runtime.inspector,
+                locks=runtime.commit_locks,
             )
             outcome = "published"
         except DaisError as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -11,12 +11,27 @@ import pluggy
 
 from dais_adapters.hooks import ForwarderOptions, StorageContext, plugin_manager
 from dais_core.errors import InvalidData
-from dais_core.policies import ConcurrencyCap, Throttler
-from dais_core.ports import Clock, Forwarder, KeyStore, ServiceRegistry, Storage
-from dais_core.values import ApiKey, Credential, Grant, Permission, ServiceEndpoint
+from dais_core.policies import ConcurrencyCap, KeyedLocks, Throttler
+from dais_core.ports import (
+    Clock,
+    Forwarder,
+    Inspector,
+    KeyStore,
+    ServiceRegistry,
+    StagedWrite,
+    Storage,
+)
+from dais_core.values import (
+    ApiKey,
+    Credential,
+    DataType,
+    Grant,
+    Permission,
+    ServiceEndpoint,
+)
 from dais_wsgi.settings import Settings
 
-__all__ = ["AdminStore", "Runtime", "admin_store", "bootstrap"]
+__all__ = ["AdminStore", "Inspectors", "Runtime", "admin_store", "bootstrap"]
 
 
 class AdminStore(Protocol):
@@ -29,6 +44,18 @@ class AdminStore(Protocol):
     def add_grant(self, key_id: str, grant: Grant) -> None: ...
     def add_service(self, endpoint: ServiceEndpoint) -> None: ...
     def load(self, key_id: str) -> Credential | None: ...
+
+
+class Inspectors:
+    """Run every installed inspector in turn."""
+
+    def __init__(self, inspectors: Sequence[Inspector]) -> None:
+        self.inspectors = tuple(inspectors)
+
+    def inspect(self, data_type: DataType, staged: Sequence[StagedWrite]) -> None:
+        """Pass the staged copies to each inspector; the first to object wins."""
+        for inspector in self.inspectors:
+            inspector.inspect(data_type, staged)
 
 
 @attrs.frozen
@@ -44,6 +71,8 @@ class Runtime:
     upload_throttle: Throttler
     gateway_throttle: Throttler | None
     uploads_in_flight: ConcurrencyCap
+    inspector: Inspector
+    commit_locks: KeyedLocks
     hooks: Any
 
 
@@ -105,5 +134,7 @@ def bootstrap(
         upload_throttle=Throttler(throttle, clock, settings.upload_rate, "upload"),
         gateway_throttle=gateway_throttle,
         uploads_in_flight=ConcurrencyCap(settings.uploads_in_flight),
+        inspector=Inspectors([i for found in hook.dais_inspectors() for i in found]),
+        commit_locks=KeyedLocks(),
         hooks=hook,
     )

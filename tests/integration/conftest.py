@@ -12,7 +12,9 @@ import pytest
 import urllib3
 from waitress.server import create_server
 
+from dais_adapters.hooks import plugin_manager
 from dais_core.keys import new_key
+from dais_core.policies import RatePolicy
 from dais_core.rules import normalise_prefix
 from dais_core.values import (
     ApiKey,
@@ -152,13 +154,11 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     """Start gateways on free loopback ports; each is closed after the test."""
     started: list[Any] = []
 
-    def start(**overrides: Any) -> Gateway:
-        from dais_core.policies import RatePolicy
-
+    def start(plugins: tuple[object, ...] = (), **overrides: Any) -> Gateway:
         if overrides.get("upload_rate", ...) is None:
             overrides["upload_rate"] = RatePolicy(rate=1000, burst=1000)
         settings = Settings(home=tmp_path / f"home{len(started)}", port=0, **overrides)
-        runtime = bootstrap(settings)
+        runtime = bootstrap(settings, plugin_manager(*plugins))
         runner = BackgroundServer(make_server(runtime)).start()
         started.append(runner)
         return Gateway(

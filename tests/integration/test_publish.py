@@ -1,0 +1,292 @@
+"""All-or-nothing publish, deeper type checks, limits and records."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import hashlib
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+
+from dais_adapters.hooks import StorageContext, hookimpl
+from dais_adapters.localfs import LocalFolderStorage
+from dais_core.errors import PublishFailed
+from dais_core.rules import Location
+from dais_core.values import DataType
+from tests.integration.conftest import FAST, Gateway
+from tests.integration.test_streaming import MiB, connect, raw_upload_head
+
+pytestmark = pytest.mark.integration
+
+BINARY = DataType.BINARY
+
+
+def post(
+    gateway: Gateway, token: str, resource: str, content: bytes, **headers: str
+) -> Any:
+    http = urllib3.PoolManager(retries=False)
+    return http.request(
+        "POST",
+        f"{gateway.url}/integration/v1/resources/{resource}",
+        fields={"data": ("file.bin", content, "application/octet-stream")},
+        headers={"Authorization": f"Bearer {token}", **headers},
+    )
+
+
+def raw_post(
+    gateway: Gateway, token: str, resource: str, body: bytes, content_type: str
+) -> Any:
+    http = urllib3.PoolManager(retries=False)
+    return http.request(
+        "POST",
+        f"{gateway.url}/integration/v1/resources/{resource}",
+        body=body,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": content_type},
+    )
+
+
+class _RefusingCommit:
+    def __init__(self, staged: Any) -> None:
+        self.staged = staged
+
+    def write(self, chunk: bytes) -> None:
+        self.staged.write(chunk)
+
+    def commit(self) -> None:
+        raise PublishFailed("the disk refused the rename")
+
+    def abort(self) -> None:
+        self.staged.abort()
+
+    def rollback(self) -> None:
+        self.staged.rollback()
+
+    def release(self) -> None:
+        self.staged.release()
+
+
+class RefusingStorage:
+    """A plugin storage (``refusing://``) that stages fine and fails to commit."""
+
+    def __init__(self, root: Path) -> None:
+        self.inner = LocalFolderStorage(root)
+
+    def stage(self, location: Location) -> _RefusingCommit:
+        return _RefusingCommit(self.inner.stage(location))
+
+    @hookimpl
+    def dais_storages(self, context: StorageContext) -> dict[str, Any]:
+        return {"refusing": self}
+
+
+class TestAllOrNothing:
+    """A failing location leaves every location as it was."""
+
+    def test_a_commit_failure_rolls_back_the_locations_already_committed(
+        self, start_gateway, tmp_path
+    ):
+        """The 500 lists each outcome and the first location keeps its old file."""
+        gateway = start_gateway(
+            plugins=(RefusingStorage(tmp_path / "refusing"),), **FAST
+        )
+        _, plain = gateway.make_key(grants=(("x", ("filemanager://p1/a/x",), BINARY),))
+        _, both = gateway.make_key(
+            grants=(("x", ("filemanager://p1/a/x", "refusing://p1/x"), BINARY),)
+        )
+        assert post(gateway, plain, "x", b"old").status == 200
+        response = post(gateway, both, "x", b"new")
+        assert response.status == 500
+        body = response.json()
+        assert body["error"] == "publish_failed"
+        assert [o["outcome"] for o in body["locations"]] == ["rolled_back", "failed"]
+        assert (gateway.filemanager / "p1/a/x").read_bytes() == b"old"
+        assert list((gateway.filemanager / ".dais-staging").iterdir()) == []
+
+    def test_a_location_that_cannot_be_staged_changes_nothing(self, gateway):
+        """A destination that is a folder fails the publish before any write."""
+        (gateway.filemanager / "p1/b/x").mkdir(parents=True)
+        _, token = gateway.make_key(
+            grants=(("x", ("filemanager://p1/a/x", "filemanager://p1/b/x"), BINARY),)
+        )
+        response = post(gateway, token, "x", b"data")
+        assert response.status == 500
+        assert [o["outcome"] for o in response.json()["locations"]] == [
+            "aborted",
+            "failed",
+        ]
+        assert not (gateway.filemanager / "p1/a/x").exists()
+
+    def test_concurrent_uploads_never_mix_locations(self, start_gateway):
+        """Of many concurrent uploads, one wins at both locations."""
+        gateway = start_gateway(uploads_in_flight=0, **FAST)
+        _, token = gateway.make_key(
+            grants=(("x", ("filemanager://p1/a/x", "filemanager://p1/b/x"), BINARY),)
+        )
+        contents = [bytes([n]) * (300_000 + n) for n in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = list(
+                pool.map(lambda c: post(gateway, token, "x", c).status, contents)
+            )
+        assert statuses == [200] * 8
+        first = (gateway.filemanager / "p1/a/x").read_bytes()
+        assert first in contents
+        assert (gateway.filemanager / "p1/b/x").read_bytes() == first
+
+
+class TestDeclaredTypes:
+    """SQLite and CSV grants are checked before anything is committed."""
+
+    def test_a_damaged_sqlite_database_is_400(self, gateway, tmp_path):
+        """A database whose pages are garbage fails SQLite's integrity check."""
+        path = tmp_path / "db.sqlite3"
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE t (v TEXT)")
+            db.executemany("INSERT INTO t VALUES (?)", [("x" * 100,)] * 200)
+        db.close()
+        data = bytearray(path.read_bytes())
+        page = int.from_bytes(data[16:18], "big")
+        data[page : page + 64] = b"\xff" * 64
+        _, token = gateway.make_key(
+            grants=(("db", ("filemanager://p1/db",), DataType.SQLITE),)
+        )
+        response = post(gateway, token, "db", bytes(data))
+        assert response.status == 400, response.data
+        assert response.json()["error"] == "corrupt_data"
+        assert not (gateway.filemanager / "p1/db").exists()
+
+    @pytest.mark.parametrize(
+        ("content", "status"),
+        [(b"\x89PNG\r\n\x1a\n\x00\x00", 415), (b'a,b\n"unterminated,1\n', 400)],
+    )
+    def test_a_bad_csv_is_refused(self, gateway, content, status):
+        """Binary data is 415; text that is not CSV is 400."""
+        _, token = gateway.make_key(
+            grants=(("t.csv", ("filemanager://p1/t.csv",), DataType.CSV),)
+        )
+        assert post(gateway, token, "t.csv", content).status == status
+        assert not (gateway.filemanager / "p1/t.csv").exists()
+
+
+class TestMultipart:
+    """Malformed forms are 400, quickly."""
+
+    @pytest.mark.parametrize(
+        ("content_type", "body"),
+        [
+            ("multipart/form-data", b"--x\r\n"),
+            ("multipart/form-data; boundary=" + "b" * 71, b""),
+            ("multipart/form-data; boundary=zz", b"no boundary here at all"),
+            (
+                "multipart/form-data; boundary=zz",
+                b'--zz\r\nContent-Disposition: form-data; name="data"; filename="f"\r\n\r\nhalf',
+            ),
+            (
+                "multipart/form-data; boundary=zz",
+                b'--zz\r\nContent-Disposition: form-data; name="data"; filename="f"\r\n'
+                + b"X-Pad: "
+                + b"p" * 10_000
+                + b"\r\n\r\nx\r\n--zz--\r\n",
+            ),
+            (
+                "multipart/form-data; boundary=zz",
+                b"".join(
+                    b'--zz\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n'
+                    % n
+                    for n in range(100)
+                )
+                + b"--zz--\r\n",
+            ),
+            (
+                "multipart/form-data; boundary=zz",
+                b'--zz\r\nContent-Disposition: form-data; name="data"; filename="a/b"\r\n\r\n'
+                b"x\r\n--zz--\r\n",
+            ),
+        ],
+        ids=[
+            "no-boundary",
+            "long-boundary",
+            "no-parts",
+            "truncated",
+            "huge-part-headers",
+            "too-many-parts",
+            "directory-upload",
+        ],
+    )
+    def test_malformed_forms_are_400(self, gateway, content_type, body):
+        """Each malformed form is refused and nothing is written."""
+        _, token = gateway.make_key(grants=(("x", ("filemanager://p1/x",), BINARY),))
+        response = raw_post(gateway, token, "x", body, content_type)
+        assert response.status == 400, response.data
+        assert not (gateway.filemanager / "p1/x").exists()
+
+
+class TestLimitsAndRecords:
+    """Digests, throttle headers, the in-flight cap and the publish record."""
+
+    def test_content_digest_is_checked(self, gateway):
+        """An RFC 9530 Content-Digest that matches passes; one that does not is 400."""
+        _, token = gateway.make_key(grants=(("x", ("filemanager://p1/x",), BINARY),))
+        good = base64.b64encode(hashlib.sha256(b"abc").digest()).decode()
+        assert (
+            post(
+                gateway, token, "x", b"abc", **{"Content-Digest": f"sha-256=:{good}:"}
+            ).status
+            == 200
+        )
+        bad = base64.b64encode(hashlib.sha256(b"xyz").digest()).decode()
+        response = post(
+            gateway, token, "x", b"new", **{"Content-Digest": f"sha-256=:{bad}:"}
+        )
+        assert response.status == 400
+        assert (gateway.filemanager / "p1/x").read_bytes() == b"abc"
+
+    def test_allowed_and_throttled_answers_carry_ratelimit_fields(self, start_gateway):
+        """Both answers name the policy; the 429 says when to retry."""
+        gateway = start_gateway()
+        _, token = gateway.make_key(grants=(("x", ("filemanager://p1/x",), BINARY),))
+        first, second = post(gateway, token, "x", b"1"), post(gateway, token, "x", b"2")
+        assert first.status == 200
+        assert first.headers["RateLimit-Policy"] == '"upload";q=1;w=1'
+        assert first.headers["RateLimit"].startswith('"upload";r=0;t=')
+        assert second.status == 429
+        assert second.headers["Retry-After"] == "1"
+        assert second.json()["error"] == "throttled"
+
+    def test_every_attempt_is_recorded(self, gateway):
+        """Publish records carry key, resource, size, sha256, outcome and request id."""
+        key_id, token = gateway.make_key(
+            grants=(("x", ("filemanager://p1/x",), BINARY),)
+        )
+        ok = post(gateway, token, "x", b"12345", **{"X-Request-Id": "req-1"})
+        post(gateway, token, "x", b"1", **{"X-Checksum-SHA256": "00" * 32})
+        assert ok.status == 200
+        records = gateway.store.publishes(key_id)  # type: ignore[attr-defined]
+        assert [r["outcome"] for r in records] == ["invalid_data", "published"]
+        latest_ok = records[1]
+        assert (latest_ok["size"], latest_ok["request_id"]) == (5, "req-1")
+        assert latest_ok["sha256"] == hashlib.sha256(b"12345").hexdigest()
+        assert latest_ok["locations"] == ["filemanager://p1/x"]
+
+    def test_uploads_in_flight_are_capped_per_key(self, start_gateway):
+        """With one upload of a key still streaming, the next one is 429."""
+        gateway = start_gateway(uploads_in_flight=1, **FAST)
+        _, token = gateway.make_key(
+            grants=(("big/", ("filemanager://p1/big/",), BINARY),)
+        )
+        with connect(gateway) as sock:
+            sock.sendall(raw_upload_head(gateway, token, "big/slow", 4 * MiB))
+            sock.sendall(b"s" * MiB)
+            time.sleep(0.3)
+            response = post(gateway, token, "big/other", b"x")
+            assert response.status == 429
+            assert response.headers["Retry-After"] == "1"
+        # Once the first client is gone, its slot is free again.
+        deadline = time.monotonic() + 5
+        while post(gateway, token, "big/other", b"x").status != 200:
+            assert time.monotonic() < deadline, "the in-flight slot was never released"
+            time.sleep(0.05)
