@@ -65,10 +65,12 @@ from dais_core.rules import (
     resource_id_from_target,
 )
 from dais_core.usecases import (
+    Explanation,
     PublishResult,
     Route,
     authenticate,
     authorise_call,
+    explain,
     publish,
 )
 from dais_core.values import (
@@ -135,10 +137,12 @@ __all__ = [
     "Storage",
     "ThrottleState",
     # use cases
+    "Explanation",
     "PublishResult",
     "Route",
     "authenticate",
     "authorise_call",
+    "explain",
     "publish",
     # errors
     "CorruptData",

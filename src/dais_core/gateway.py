@@ -45,14 +45,13 @@ _DROPPED = frozenset(
         "content-length",
         "expect",
         "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
         "x-real-ip",
         "x-request-id",
     }
 )
-_OWN_PREFIXES = ("x-dais-", "dais-")
+# Prefixes of headers the gateway asserts itself (or that only a trusted
+# proxy may assert): the caller's are dropped, whatever follows the prefix.
+_OWN_PREFIXES = ("x-dais-", "dais-", "x-forwarded-")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _VERSION = re.compile(r"[1-9][0-9]{0,9}")
 

@@ -20,8 +20,9 @@ from dais_core.errors import (
     PublishFailed,
     TooLarge,
     Unauthenticated,
+    status_for,
 )
-from dais_core.gateway import GatewayCall, upstream_url
+from dais_core.gateway import GatewayCall, parse_gateway_path, upstream_url
 from dais_core.keys import parse_token, secret_matches
 from dais_core.policies import (
     KeyedLocks,
@@ -30,14 +31,16 @@ from dais_core.policies import (
     resolve_endpoint,
 )
 from dais_core.ports import Inspector, KeyStore, ServiceRegistry, StagedWrite, Storage
-from dais_core.rules import Location
+from dais_core.rules import Location, is_under
 from dais_core.values import Credential, Permission, ServiceEndpoint
 
 __all__ = [
+    "Explanation",
     "PublishResult",
     "Route",
     "authenticate",
     "authorise_call",
+    "explain",
     "publish",
 ]
 
@@ -114,6 +117,72 @@ def authorise_call(
     )
     url = upstream_url(endpoint.base_url, call.route, query)
     return Route(endpoint, permission, url)
+
+
+@attrs.frozen
+class Explanation:
+    """Why a gateway call would pass or be refused, for admins."""
+
+    allowed: bool
+    status: int
+    reason: str
+    route: str | None = None
+    lineage_version: int | None = None
+    permission: Permission | None = None
+    upstream: str | None = None
+    considered: tuple[str, ...] = ()
+
+
+def _why_not(permission: Permission, call: GatewayCall, method: str) -> str:
+    methods = ",".join(sorted(permission.methods)) or "any method"
+    name = f"{permission.project} {permission.service} {permission.prefix} ({methods})"
+    if (permission.project, permission.service) != (call.project, call.service):
+        return f"{name}: another project or service"
+    if permission.methods and method not in permission.methods:
+        return f"{name}: method {method} not allowed"
+    if not is_under(call.route, permission.prefix):
+        return f"{name}: route not at or under the prefix"
+    return f"{name}: matches"
+
+
+def explain(
+    credential: Credential,
+    method: str,
+    path: str,
+    query: str,
+    registry: ServiceRegistry,
+) -> Explanation:
+    """Say whether a key could make a gateway call, and why, without making it.
+
+    Args:
+        credential: The key to explain for (its secret is not needed).
+        method: The HTTP method.
+        path: The raw, percent-encoded path of the call.
+        query: The raw query string.
+        registry: Where services are registered.
+    """
+    method = method.upper()
+    try:
+        call = parse_gateway_path(path)
+    except DaisError as exc:
+        return Explanation(False, status_for(exc), exc.message)
+    considered = tuple(_why_not(p, call, method) for p in credential.permissions)
+    try:
+        found = authorise_call(credential, call, method, query, registry)
+    except DaisError as exc:
+        return Explanation(
+            False, status_for(exc), exc.message, call.route, considered=considered
+        )
+    return Explanation(
+        True,
+        200,
+        "allowed",
+        call.route,
+        found.endpoint.lineage_version,
+        found.permission,
+        found.url,
+        considered,
+    )
 
 
 @attrs.frozen

@@ -16,15 +16,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from dais_core.errors import DaisError, InvalidData
+import attrs
+
+from dais_core.errors import DaisError, InvalidData, NotFound
 from dais_core.keys import new_key
+from dais_core.policies import RatePolicy
 from dais_core.rules import (
     check_name,
     check_resource_id,
     normalise_prefix,
     parse_location,
 )
+from dais_core.usecases import explain
 from dais_core.values import (
     ApiKey,
     Credential,
@@ -83,13 +88,40 @@ def credential_json(credential: Credential) -> dict[str, Any]:
     }
 
 
+def _rate(text: str | None) -> RatePolicy | None:
+    """Read ``N`` or ``N/SECONDS`` (optionally ``,burst=B``) as a rate policy."""
+    if not text or text == "off":
+        return None
+    rate_text, _, burst_text = text.partition(",burst=")
+    count, _, period = rate_text.partition("/")
+    try:
+        return RatePolicy(int(count), float(period or 1), int(burst_text or 1))
+    except ValueError:
+        raise InvalidData(
+            f"a rate reads N, N/SECONDS or N/SECONDS,burst=B, not {text!r}"
+        ) from None
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     home = Path(args.home or os.environ.get("DAIS_HOME") or DEFAULT_HOME)
-    return Settings(
-        home=home,
-        host=getattr(args, "host", "127.0.0.1"),
-        port=getattr(args, "port", 8080),
-    )
+    served: dict[str, Any] = {}
+    if getattr(args, "run", None) in {_serve, _demo}:
+        served = {
+            "host": args.host,
+            "port": args.port,
+            "threads": args.threads,
+            "request_timeout": args.request_timeout,
+            "max_upload_bytes": args.max_upload_bytes,
+            "uploads_in_flight": args.uploads_in_flight,
+            "gateway_rate": _rate(args.gateway_rate),
+            "trust_forwarded": args.trust_forwarded,
+        }
+        if args.filemanager:
+            served["filemanager_root"] = Path(args.filemanager)
+        upload_rate = _rate(args.upload_rate)
+        if upload_rate is not None:
+            served["upload_rate"] = upload_rate
+    return Settings(home=home, **served)
 
 
 def _store(args: argparse.Namespace) -> AdminStore:
@@ -180,6 +212,35 @@ def _services_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    store = _store(args)
+    credential = store.load(args.key_id)
+    if credential is None:
+        raise NotFound(f"no key {args.key_id!r}")
+    target = urlsplit(args.url)
+    found = explain(credential, args.method, target.path, target.query, store)
+    if args.json:
+        print(json.dumps(attrs.asdict(found, value_serializer=_plain)))
+    else:
+        verdict = "allowed" if found.allowed else f"refused ({found.status})"
+        print(f"{verdict}: {found.reason}")
+        print(f"normalised route: {found.route or '-'}")
+        for line in found.considered:
+            print(f"  permission {line}")
+        if found.permission is not None:
+            p = found.permission
+            methods = ",".join(sorted(p.methods)) or "any method"
+            print(f"matched permission: {p.project} {p.service} {p.prefix} ({methods})")
+            print(
+                f"lineage version: {found.lineage_version}; upstream: {found.upstream}"
+            )
+    return 0 if found.allowed else 1
+
+
+def _plain(instance: Any, field: Any, value: Any) -> Any:
+    return sorted(value) if isinstance(value, frozenset) else value
+
+
 def _serve(args: argparse.Namespace) -> int:
     from dais_wsgi.server import make_server
 
@@ -265,13 +326,41 @@ def _parser() -> argparse.ArgumentParser:
     sadd.add_argument("--url", required=True)
     sadd.set_defaults(run=_services_add)
 
+    explainer = groups.add_parser(
+        "explain", help="say whether a key may make a gateway call, and why"
+    )
+    explainer.add_argument("key_id")
+    explainer.add_argument("method")
+    explainer.add_argument("url", help="the gateway URL (or just its path)")
+    explainer.add_argument("--json", action="store_true")
+    explainer.set_defaults(run=_explain)
+
+    defaults = Settings()
     for name, run, text in (
         ("serve", _serve, "serve the gateway"),
         ("demo", _demo, "serve the gateway with a sample service and demo key"),
     ):
         command = groups.add_parser(name, help=text)
-        command.add_argument("--host", default="127.0.0.1")
-        command.add_argument("--port", type=int, default=8080)
+        command.add_argument("--host", default=defaults.host)
+        command.add_argument("--port", type=int, default=defaults.port)
+        command.add_argument("--threads", type=int, default=defaults.threads)
+        command.add_argument("--filemanager", help="File Manager folder")
+        command.add_argument(
+            "--request-timeout", type=float, default=defaults.request_timeout
+        )
+        command.add_argument(
+            "--max-upload-bytes", type=int, default=defaults.max_upload_bytes
+        )
+        command.add_argument(
+            "--upload-rate", help="uploads per key: N, N/SECONDS[,burst=B]"
+        )
+        command.add_argument(
+            "--uploads-in-flight", type=int, default=defaults.uploads_in_flight
+        )
+        command.add_argument(
+            "--gateway-rate", help="webhook calls per key (default: off)"
+        )
+        command.add_argument("--trust-forwarded", action="store_true")
         command.set_defaults(run=run)
     return parser
 

@@ -268,6 +268,10 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
         request.body_rcv.getbuf().close()
         request.body_rcv.buf = pipe
         request.pipe = pipe
+        if request.chunked:
+            # waitress drops the header once it has decoded the chunks; the
+            # application, reading before the end, needs to know.
+            request.headers["TRANSFER_ENCODING"] = "chunked"
         request.wants_continue = request.expect_continue
         request.expect_continue = False
         self.requests.append(request)

@@ -226,3 +226,87 @@ class TestServe:
         finally:
             os.kill(process.pid, signal.SIGINT)
             process.wait(timeout=15)
+
+
+class TestExplain:
+    """``explain`` says which permission matched, or why none did."""
+
+    def test_allowed_and_refused_calls_are_explained(self, tmp_path):
+        """A matching call names its permission; others say why not."""
+        home = tmp_path / "home"
+        key_id = json.loads(run(home, "keys", "create", "--project", "p1", "--json"))[
+            "id"
+        ]
+        run(
+            home,
+            "permissions",
+            "add",
+            key_id,
+            "--project",
+            "p1",
+            "--service",
+            "svc",
+            "--prefix",
+            "/api/webhook",
+            "--method",
+            "POST",
+        )
+        run(
+            home,
+            "services",
+            "add",
+            "--project",
+            "p1",
+            "--lineage-version",
+            "2",
+            "--service",
+            "svc",
+            "--url",
+            "http://127.0.0.1:9/base",
+        )
+        base = "/project-gateway/webhooks/p1/lineage-version/latest/svc"
+        allowed = json.loads(
+            run(
+                home,
+                "explain",
+                key_id,
+                "POST",
+                f"http://h{base}/api/web%68ook/x?a=1",
+                "--json",
+            )
+        )
+        assert allowed["allowed"] is True
+        assert allowed["route"] == "/api/webhook/x"
+        assert allowed["permission"]["prefix"] == "/api/webhook"
+        assert allowed["upstream"] == "http://127.0.0.1:9/base/api/webhook/x?a=1"
+        assert allowed["lineage_version"] == 2
+
+        def refused(method: str, path: str) -> dict:
+            done = subprocess.run(
+                [
+                    COMMAND,
+                    "--home",
+                    str(home),
+                    "explain",
+                    key_id,
+                    method,
+                    path,
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 1, done.stderr
+            return json.loads(done.stdout)
+
+        wrong_method = refused("GET", f"{base}/api/webhook")
+        assert wrong_method["status"] == 403
+        assert wrong_method["considered"] == [
+            "p1 svc /api/webhook (POST): method GET not allowed"
+        ]
+        outside = refused("POST", f"{base}/api/webhookx")
+        assert outside["considered"] == [
+            "p1 svc /api/webhook (POST): route not at or under the prefix"
+        ]
+        assert refused("POST", f"{base}/api/webhook/%2e%2e/x")["status"] == 400

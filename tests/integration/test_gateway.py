@@ -199,3 +199,142 @@ class TestRefusals:
         )
         assert response.status == 413
         assert upstream.calls == []
+
+
+class TestPermissionsAndRecords:
+    """Method-restricted permissions, spoofed headers, and the forward record."""
+
+    def test_a_method_restricted_permission_covers_only_its_methods(
+        self, http, gateway, upstream
+    ):
+        """A POST-only permission refuses GET with 403."""
+        from dais_core.values import Permission
+
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        key_id, token = gateway.make_key()
+        gateway.store.add_permission(
+            key_id, Permission("p1", "svc", "/hook", frozenset({"POST"}))
+        )
+        path = f"{BASE}/p1/lineage-version/1/svc/hook"
+        assert call(http, gateway, token, path, "POST").status == 200
+        assert call(http, gateway, token, path, "GET").status == 403
+        assert [c.method for c in upstream.calls] == ["POST"]
+
+    def test_caller_identity_and_forwarding_headers_are_replaced(
+        self, http, gateway, upstream, caller
+    ):
+        """A caller cannot assert a key id, a project or a forwarding chain."""
+        call(
+            http,
+            gateway,
+            caller,
+            f"{BASE}/p1/lineage-version/3/svc/api/webhook",
+            headers={
+                "X-Dais-Key-Id": "someone-else",
+                "X-Dais-Project": "p2",
+                "X-Forwarded-For": "10.9.9.9",
+                "X-Forwarded-Port": "1",
+                "Forwarded": "for=10.9.9.9",
+                "Connection": "X-Custom",
+                "X-Custom": "hop",
+                "X-Kept": "yes",
+            },
+        )
+        seen = upstream.calls[-1].headers
+        assert seen["x-dais-project"] == "p1"
+        assert seen["x-dais-key-id"] != "someone-else"
+        assert seen["x-forwarded-for"] == "127.0.0.1"
+        assert "x-forwarded-port" not in seen
+        assert "forwarded" not in seen
+        assert "x-custom" not in seen
+        assert seen["x-kept"] == "yes"
+
+    def test_every_forwarded_call_is_recorded(self, http, gateway, upstream):
+        """The record has key, project, service, version, method, route and status."""
+        gateway.add_service("p1", 5, "svc", upstream.url)
+        key_id, token = gateway.make_key(permissions=(("svc", "/"),))
+        upstream.status = "202 Accepted"
+        call(
+            http,
+            gateway,
+            token,
+            f"{BASE}/p1/lineage-version/latest/svc/a/b?q=1",
+            body=b"12345",
+            headers={"X-Request-Id": "trace-7"},
+        )
+        (record,) = gateway.store.forwards(key_id)  # type: ignore[attr-defined]
+        assert (record["project"], record["service"], record["lineage_version"]) == (
+            "p1",
+            "svc",
+            5,
+        )
+        assert (record["method"], record["route"], record["status"]) == (
+            "POST",
+            "/a/b",
+            202,
+        )
+        assert (record["bytes_in"], record["request_id"]) == (5, "trace-7")
+
+    def test_webhook_calls_can_be_throttled(self, http, start_gateway, upstream):
+        """With a gateway rate set, the second call in a second is 429."""
+        from dais_core.policies import RatePolicy
+
+        gateway = start_gateway(gateway_rate=RatePolicy(1, 1.0, 1))
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/"),))
+        path = f"{BASE}/p1/lineage-version/1/svc/x"
+        first, second = (
+            call(http, gateway, token, path),
+            call(http, gateway, token, path),
+        )
+        assert first.status == 200
+        assert first.headers["RateLimit-Policy"] == '"gateway";q=1;w=1'
+        assert second.status == 429
+        assert second.headers["Retry-After"] == "1"
+        assert len(upstream.calls) == 1
+
+
+class TestBodies:
+    """Chunked and sized bodies are streamed upstream and limited."""
+
+    def test_a_chunked_body_is_forwarded(self, http, gateway, upstream, caller):
+        """A body without Content-Length arrives whole."""
+        body = (bytes(range(256)) * 1000 for _ in range(4))
+        response = http.request(
+            "PUT",
+            f"{gateway.url}{BASE}/p1/lineage-version/3/svc/api/webhook",
+            body=body,
+            chunked=True,
+            headers={"Authorization": f"Bearer {caller}"},
+        )
+        assert response.status == 200
+        assert upstream.calls[-1].body == bytes(range(256)) * 4000
+
+    def test_a_chunked_body_over_the_limit_is_413_and_never_delivered(
+        self, http, start_gateway, upstream
+    ):
+        """The forward is cut off; the upstream application never sees it."""
+        gateway = start_gateway(max_gateway_body=100_000)
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/"),))
+        response = http.request(
+            "POST",
+            f"{gateway.url}{BASE}/p1/lineage-version/1/svc/x",
+            body=(b"z" * 50_000 for _ in range(10)),
+            chunked=True,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert response.status == 413
+        assert upstream.calls == []
+
+    def test_head_is_forwarded(self, http, gateway, upstream, caller):
+        """HEAD reaches the upstream and its status comes back."""
+        response = call(
+            http,
+            gateway,
+            caller,
+            f"{BASE}/p1/lineage-version/3/svc/api/webhook",
+            "HEAD",
+        )
+        assert response.status == 200
+        assert upstream.calls[-1].method == "HEAD"
