@@ -42,6 +42,26 @@ def _translated() -> Iterator[None]:
         raise UpstreamUnreachable("the upstream service broke the connection") from exc
 
 
+#: Response bodies up to this size are read and dropped so the connection can
+#: be reused; longer or unsized ones close the connection instead, so a slow
+#: upstream cannot hold a worker by dripping a body nobody will read.
+MAX_DRAINED = 64 * 1024
+
+
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    remaining = response.length_remaining
+    if remaining is not None and remaining <= MAX_DRAINED:
+        try:
+            response.drain_conn()
+        finally:
+            response.release_conn()
+        return
+    response.close()
+    if response.connection is not None:
+        response.connection.close()
+    response.release_conn()
+
+
 class Urllib3Forwarder:
     """Forward requests through one urllib3 pool manager.
 
@@ -86,10 +106,7 @@ class Urllib3Forwarder:
                 preload_content=False,
                 assert_same_host=False,
             )
-            try:
-                response.drain_conn()
-            finally:
-                response.release_conn()
+            _discard(response)
         log.debug("%s %s -> %d", request.method, request.url, response.status)
         return response.status
 

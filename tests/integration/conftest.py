@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class Upstream:
         self.calls: list[Call] = []
         self.status = "200 OK"
         self.delay = 0.0
+        self.drip = 0
         self.server = create_server(
             self.app,
             host="127.0.0.1",
@@ -61,7 +62,7 @@ class Upstream:
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.runner = BackgroundServer(self.server).start()
 
-    def app(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    def app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         body = environ["wsgi.input"].read()
         headers = {
             k[5:].replace("_", "-").lower(): v
@@ -81,6 +82,9 @@ class Upstream:
         )
         if self.delay:
             time.sleep(self.delay)
+        if self.drip:
+            start_response(self.status, [("Content-Type", "text/plain")])
+            return self._dripping(self.drip)
         payload = b'{"secret": "upstream data never reaches the caller"}'
         start_response(
             self.status,
@@ -90,6 +94,11 @@ class Upstream:
             ],
         )
         return [payload]
+
+    def _dripping(self, count: int) -> Iterator[bytes]:
+        for _ in range(count):
+            time.sleep(0.2)
+            yield b"drip\n"
 
     def close(self) -> None:
         self.runner.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 
 import pytest
 import urllib3
@@ -338,3 +339,15 @@ class TestBodies:
         )
         assert response.status == 200
         assert upstream.calls[-1].method == "HEAD"
+
+    def test_a_dripping_upstream_body_does_not_hold_the_caller(
+        self, http, gateway, upstream, caller
+    ):
+        """The status comes back at once; the unread body is not waited for."""
+        upstream.drip = 25
+        started = time.monotonic()
+        response = call(
+            http, gateway, caller, f"{BASE}/p1/lineage-version/3/svc/api/webhook"
+        )
+        assert response.status == 200
+        assert time.monotonic() - started < 2.0
