@@ -9,7 +9,6 @@ mode lets readers go on while one writer writes.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sqlite3
 import threading
@@ -18,19 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from dais_adapters._sql import Row, SqlStore
 from dais_adapters.hooks import hookimpl
-from dais_core.errors import InvalidData, NotFound, Unavailable
-from dais_core.values import (
-    ApiKey,
-    Credential,
-    DataType,
-    ForwardRecord,
-    Grant,
-    KeyRequest,
-    Permission,
-    PublishRecord,
-    ServiceEndpoint,
-)
+from dais_core.errors import InvalidData, Unavailable
 
 __all__ = ["SqliteStore", "path_from_url"]
 
@@ -131,7 +120,7 @@ def _translated() -> Iterator[None]:
         raise Unavailable("the key store is unavailable") from exc
 
 
-class SqliteStore:
+class SqliteStore(SqlStore):
     """Keys, permissions, grants, services and records in one SQLite file.
 
     Implements the ``KeyStore`` and ``ServiceRegistry`` ports, and the admin
@@ -145,25 +134,25 @@ class SqliteStore:
         self.path = path
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _translated():
-            self._migrate()
-
-    # -- plumbing ---------------------------------------------------------
+        self._migrate()
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
-            connection = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-            connection.row_factory = sqlite3.Row
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA foreign_keys=ON")
-            connection.execute("PRAGMA synchronous=NORMAL")
+            with _translated():
+                connection = sqlite3.connect(
+                    self.path, timeout=10.0, isolation_level=None
+                )
+                connection.row_factory = sqlite3.Row
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA foreign_keys=ON")
+                connection.execute("PRAGMA synchronous=NORMAL")
             self._local.connection = connection
             log.debug("opened %s", self.path)
         return connection
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         connection = self._connection()
         with _translated():
             connection.execute("BEGIN IMMEDIATE")
@@ -174,12 +163,18 @@ class SqliteStore:
                 raise
             connection.execute("COMMIT")
 
-    def _read(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+    def _read(self, sql: str, *args: Any) -> list[Row]:
         with _translated():
             return self._connection().execute(sql, args).fetchall()
 
+    def _exec(self, db: Any, sql: str, args: Sequence[Any] = ()) -> int:
+        return int(db.execute(sql, args).rowcount)
+
+    def _execmany(self, db: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        db.executemany(sql, rows)
+
     def _migrate(self) -> None:
-        with self._write() as db:
+        with self._transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
                 for statement in script.split(";"):
@@ -187,242 +182,6 @@ class SqliteStore:
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
                 log.debug("migrated %s to schema %d", self.path, number)
-
-    # -- KeyStore port ----------------------------------------------------
-
-    def load(self, key_id: str) -> Credential | None:
-        """Return the key with its permissions and grants, or ``None``."""
-        rows = self._read("SELECT * FROM keys WHERE id = ?", key_id)
-        if not rows:
-            return None
-        return self._credential(rows[0])
-
-    def record_publish(self, record: PublishRecord) -> None:
-        """Keep a publish attempt and mark the key as used."""
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO publishes (key_id, resource, size, sha256, locations,"
-                " outcome, duration, request_id, at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    record.key_id,
-                    record.resource,
-                    record.size,
-                    record.sha256,
-                    json.dumps(record.locations),
-                    record.outcome,
-                    record.duration,
-                    record.request_id,
-                    record.at,
-                ),
-            )
-            db.execute(
-                "UPDATE keys SET last_used = ? WHERE id = ?", (record.at, record.key_id)
-            )
-
-    def record_forward(self, record: ForwardRecord) -> None:
-        """Keep a forwarded webhook call and mark the key as used."""
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO forwards (key_id, project, service, lineage_version,"
-                " method, route, status, latency, bytes_in, request_id, at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    record.key_id,
-                    record.project,
-                    record.service,
-                    record.lineage_version,
-                    record.method,
-                    record.route,
-                    record.status,
-                    record.latency,
-                    record.bytes_in,
-                    record.request_id,
-                    record.at,
-                ),
-            )
-            db.execute(
-                "UPDATE keys SET last_used = ? WHERE id = ?", (record.at, record.key_id)
-            )
-
-    def _credential(self, row: sqlite3.Row) -> Credential:
-        key = ApiKey(
-            id=row["id"],
-            secret_hash=row["secret_hash"],
-            project=row["project"],
-            label=row["label"],
-            request=KeyRequest(
-                requestor=row["requestor"],
-                approver=row["approver"],
-                app_ids=tuple(json.loads(row["app_ids"])),
-                case_code=row["case_code"],
-                lighthouse=bool(row["lighthouse"]),
-                business_case=row["business_case"],
-            ),
-            created=row["created"],
-            expires=row["expires"],
-            revoked=row["revoked"],
-            last_used=row["last_used"],
-        )
-        permissions = tuple(
-            Permission(p["project"], p["service"], p["prefix"], _methods(p["methods"]))
-            for p in self._read(
-                "SELECT * FROM permissions WHERE key_id = ? ORDER BY id", key.id
-            )
-        )
-        grants = tuple(
-            Grant(
-                g["resource"],
-                tuple(json.loads(g["locations"])),
-                DataType(g["data_type"]),
-            )
-            for g in self._read(
-                "SELECT * FROM grants WHERE key_id = ? ORDER BY id", key.id
-            )
-        )
-        return Credential(key, permissions, grants)
-
-    # -- ServiceRegistry port ---------------------------------------------
-
-    def endpoints(self, project: str) -> Sequence[ServiceEndpoint]:
-        """Return every endpoint of a project, all lineage versions."""
-        rows = self._read("SELECT * FROM services WHERE project = ?", project)
-        return [
-            ServiceEndpoint(
-                r["project"], r["lineage_version"], r["service"], r["base_url"]
-            )
-            for r in rows
-        ]
-
-    # -- admin ------------------------------------------------------------
-
-    def add_key(self, key: ApiKey) -> None:
-        """Store a new key (its secret already hashed)."""
-        request = key.request
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO keys (id, secret_hash, project, label, requestor, approver,"
-                " app_ids, case_code, lighthouse, business_case, created, expires)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    key.id,
-                    key.secret_hash,
-                    key.project,
-                    key.label,
-                    request.requestor,
-                    request.approver,
-                    json.dumps(request.app_ids),
-                    request.case_code,
-                    int(request.lighthouse),
-                    request.business_case,
-                    key.created,
-                    key.expires,
-                ),
-            )
-
-    def revoke(self, key_id: str, now: float) -> None:
-        """Revoke a key from ``now`` on.
-
-        Raises:
-            NotFound: No such key.
-        """
-        with self._write() as db:
-            changed = db.execute(
-                "UPDATE keys SET revoked = COALESCE(revoked, ?) WHERE id = ?",
-                (now, key_id),
-            ).rowcount
-        if not changed:
-            raise NotFound(f"no key {key_id!r}")
-
-    def list_keys(self, project: str | None = None) -> list[Credential]:
-        """Return every key, or those of one project, oldest first."""
-        if project is None:
-            rows = self._read("SELECT * FROM keys ORDER BY created, id")
-        else:
-            rows = self._read(
-                "SELECT * FROM keys WHERE project = ? ORDER BY created, id", project
-            )
-        return [self._credential(row) for row in rows]
-
-    def add_permission(self, key_id: str, permission: Permission) -> None:
-        """Give a key a gateway permission.
-
-        Raises:
-            NotFound: No such key.
-        """
-        self._require_key(key_id)
-        with self._write() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO permissions (key_id, project, service, prefix, methods)"
-                " VALUES (?,?,?,?,?)",
-                (
-                    key_id,
-                    permission.project,
-                    permission.service,
-                    permission.prefix,
-                    ",".join(sorted(permission.methods)),
-                ),
-            )
-
-    def add_grant(self, key_id: str, grant: Grant) -> None:
-        """Give a key a resource grant, replacing one for the same resource.
-
-        Raises:
-            NotFound: No such key.
-        """
-        self._require_key(key_id)
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO grants (key_id, resource, locations, data_type)"
-                " VALUES (?,?,?,?) ON CONFLICT (key_id, resource) DO UPDATE SET"
-                " locations = excluded.locations, data_type = excluded.data_type",
-                (
-                    key_id,
-                    grant.resource,
-                    json.dumps(grant.locations),
-                    grant.data_type.value,
-                ),
-            )
-
-    def add_service(self, endpoint: ServiceEndpoint) -> None:
-        """Register (or move) a service of a project at a lineage version."""
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO services (project, lineage_version, service, base_url)"
-                " VALUES (?,?,?,?) ON CONFLICT (project, lineage_version, service)"
-                " DO UPDATE SET base_url = excluded.base_url",
-                (
-                    endpoint.project,
-                    endpoint.lineage_version,
-                    endpoint.service,
-                    endpoint.base_url,
-                ),
-            )
-
-    def publishes(self, key_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        """Return the latest publish records of a key, newest first."""
-        rows = self._read(
-            "SELECT * FROM publishes WHERE key_id = ? ORDER BY id DESC LIMIT ?",
-            key_id,
-            limit,
-        )
-        return [dict(row) | {"locations": json.loads(row["locations"])} for row in rows]
-
-    def forwards(self, key_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        """Return the latest forward records of a key, newest first."""
-        rows = self._read(
-            "SELECT * FROM forwards WHERE key_id = ? ORDER BY id DESC LIMIT ?",
-            key_id,
-            limit,
-        )
-        return [dict(row) for row in rows]
-
-    def _require_key(self, key_id: str) -> None:
-        if not self._read("SELECT 1 FROM keys WHERE id = ?", key_id):
-            raise NotFound(f"no key {key_id!r}")
-
-
-def _methods(text: str) -> frozenset[str]:
-    return frozenset(m for m in text.split(",") if m)
 
 
 _stores: dict[Path, SqliteStore] = {}

@@ -170,6 +170,9 @@ class RatePolicy:
         return self.interval * (self.burst - 1)
 
 
+_SLACK = 1e-6
+
+
 @attrs.frozen
 class Decision:
     """The outcome of one throttle check."""
@@ -193,11 +196,13 @@ def gcra(tat: float | None, now: float, policy: RatePolicy) -> tuple[float, Deci
     """
     interval, tolerance = policy.interval, policy.tolerance
     tat = now if tat is None else max(tat, now)
-    if now < tat - tolerance:
+    # Times are floats: a microsecond of slack keeps rounding from refusing
+    # a request the policy admits.
+    if now < tat - tolerance - _SLACK:
         retry = tat - tolerance - now
         return tat, Decision(False, 0, retry, tat - now)
     new_tat = tat + interval
-    remaining = math.floor((tolerance - (new_tat - now) + interval) / interval + 1e-9)
+    remaining = math.floor((tolerance - (new_tat - now) + interval + _SLACK) / interval)
     return new_tat, Decision(True, max(remaining, 0), 0.0, new_tat - now)
 
 

@@ -74,7 +74,8 @@ def _canonical_segment(raw: str) -> str:
         decoded = unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRoute("route segment is not valid UTF-8 once decoded") from None
-    if decoded in {".", ".."}:
+    if "." in decoded and decoded.strip(". ") == "":
+        # "." and "..", and what some servers trim down to them ("...", ".. ").
         raise InvalidRoute("dot segments are not allowed in a route")
     if any(ch in _FORBIDDEN_IN_SEGMENT or _is_control(ch) for ch in decoded):
         raise InvalidRoute(
@@ -251,11 +252,15 @@ class Location:
     def join(self, relative: str) -> Location:
         """Return the location of ``relative`` inside this folder.
 
+        A path without a trailing ``/`` is taken as a folder all the same:
+        the result is always inside it, never beside it.
+
         Raises:
             InvalidResourceId: ``relative`` is not a safe resource id.
         """
         check_resource_id(relative)
-        return Location(self.scheme, self.authority, self.path + relative)
+        folder = self.path if self.is_folder else self.path + "/"
+        return Location(self.scheme, self.authority, folder + relative)
 
 
 def parse_location(uri: str) -> Location:

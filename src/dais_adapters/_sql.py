@@ -1,0 +1,344 @@
+"""Queries shared by the SQL key stores (SQLite and PostgreSQL).
+
+A store subclass supplies connections, its schema and the translation of
+its driver's errors; everything it says to the database is written here
+once, with ``?`` placeholders that the subclass adapts to its driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from dais_core.errors import NotFound
+from dais_core.values import (
+    ApiKey,
+    Credential,
+    DataType,
+    ForwardRecord,
+    Grant,
+    KeyRequest,
+    Permission,
+    PublishRecord,
+    ServiceEndpoint,
+)
+
+__all__ = ["SqlStore"]
+
+Row = Mapping[str, Any]
+
+
+def _methods(text: str) -> frozenset[str]:
+    return frozenset(m for m in text.split(",") if m)
+
+
+def _key(row: Row) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        secret_hash=row["secret_hash"],
+        project=row["project"],
+        label=row["label"],
+        request=KeyRequest(
+            requestor=row["requestor"],
+            approver=row["approver"],
+            app_ids=tuple(json.loads(row["app_ids"])),
+            case_code=row["case_code"],
+            lighthouse=bool(row["lighthouse"]),
+            business_case=row["business_case"],
+        ),
+        created=row["created"],
+        expires=row["expires"],
+        revoked=row["revoked"],
+        last_used=row["last_used"],
+    )
+
+
+def _publish_row(record: PublishRecord) -> tuple[Any, ...]:
+    return (
+        record.key_id,
+        record.resource,
+        record.size,
+        record.sha256,
+        json.dumps(record.locations),
+        record.outcome,
+        record.duration,
+        record.request_id,
+        record.at,
+    )
+
+
+def _forward_row(record: ForwardRecord) -> tuple[Any, ...]:
+    return (
+        record.key_id,
+        record.project,
+        record.service,
+        record.lineage_version,
+        record.method,
+        record.route,
+        record.status,
+        record.latency,
+        record.bytes_in,
+        record.request_id,
+        record.at,
+    )
+
+
+_INSERT_PUBLISH = (
+    "INSERT INTO publishes (key_id, resource, size, sha256, locations, outcome,"
+    " duration, request_id, at) VALUES (?,?,?,?,?,?,?,?,?)"
+)
+_INSERT_FORWARD = (
+    "INSERT INTO forwards (key_id, project, service, lineage_version, method, route,"
+    " status, latency, bytes_in, request_id, at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+)
+_TOUCH = (
+    "UPDATE keys SET last_used = ? WHERE id = ?"
+    " AND (last_used IS NULL OR last_used < ?)"
+)
+
+
+class SqlStore:
+    """Keys, permissions, grants, services and records over SQL.
+
+    Subclasses implement :meth:`_read`, :meth:`_transaction`, :meth:`_exec`
+    and :meth:`_changed` (a hook called with a key id after an admin change,
+    for cache invalidation across processes).
+    """
+
+    # -- what a subclass provides ----------------------------------------
+
+    def _read(self, sql: str, *args: Any) -> list[Row]:
+        raise NotImplementedError
+
+    def _transaction(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _exec(self, db: Any, sql: str, args: Sequence[Any] = ()) -> int:
+        raise NotImplementedError
+
+    def _execmany(self, db: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        for row in rows:
+            self._exec(db, sql, row)
+
+    def _changed(self, db: Any, key_id: str) -> None:
+        """Say that a key changed; the default says nothing."""
+
+    @contextlib.contextmanager
+    def _change(self, key_id: str) -> Iterator[Any]:
+        with self._transaction() as db:
+            yield db
+            self._changed(db, key_id)
+
+    # -- KeyStore port ----------------------------------------------------
+
+    def load(self, key_id: str) -> Credential | None:
+        """Return the key with its permissions and grants, or ``None``."""
+        rows = self._read("SELECT * FROM keys WHERE id = ?", key_id)
+        if not rows:
+            return None
+        return self._credential(rows[0])
+
+    def record_publish(self, record: PublishRecord) -> None:
+        """Keep a publish attempt and mark the key as used."""
+        self.record_batch([record], [])
+
+    def record_forward(self, record: ForwardRecord) -> None:
+        """Keep a forwarded webhook call and mark the key as used."""
+        self.record_batch([], [record])
+
+    def record_batch(
+        self, publishes: Sequence[PublishRecord], forwards: Sequence[ForwardRecord]
+    ) -> None:
+        """Keep many records in one transaction, and each key's latest use."""
+        last_used: dict[str, float] = {}
+        uses = [(r.key_id, r.at) for r in publishes] + [
+            (r.key_id, r.at) for r in forwards
+        ]
+        for key_id, at in uses:
+            last_used[key_id] = max(at, last_used.get(key_id, 0.0))
+        with self._transaction() as db:
+            if publishes:
+                self._execmany(
+                    db, _INSERT_PUBLISH, [_publish_row(r) for r in publishes]
+                )
+            if forwards:
+                self._execmany(db, _INSERT_FORWARD, [_forward_row(r) for r in forwards])
+            self._execmany(
+                db,
+                _TOUCH,
+                [(at, key_id, at) for key_id, at in sorted(last_used.items())],
+            )
+
+    def _credential(self, row: Row) -> Credential:
+        key = _key(row)
+        permissions = tuple(
+            Permission(p["project"], p["service"], p["prefix"], _methods(p["methods"]))
+            for p in self._read(
+                "SELECT * FROM permissions WHERE key_id = ? ORDER BY id", key.id
+            )
+        )
+        grants = tuple(
+            Grant(
+                g["resource"],
+                tuple(json.loads(g["locations"])),
+                DataType(g["data_type"]),
+            )
+            for g in self._read(
+                "SELECT * FROM grants WHERE key_id = ? ORDER BY id", key.id
+            )
+        )
+        return Credential(key, permissions, grants)
+
+    # -- ServiceRegistry port ---------------------------------------------
+
+    def endpoints(self, project: str) -> Sequence[ServiceEndpoint]:
+        """Return every endpoint of a project, all lineage versions."""
+        rows = self._read("SELECT * FROM services WHERE project = ?", project)
+        return [
+            ServiceEndpoint(
+                r["project"], r["lineage_version"], r["service"], r["base_url"]
+            )
+            for r in rows
+        ]
+
+    # -- admin ------------------------------------------------------------
+
+    def add_key(self, key: ApiKey) -> None:
+        """Store a new key (its secret already hashed)."""
+        request = key.request
+        with self._change(key.id) as db:
+            self._exec(
+                db,
+                "INSERT INTO keys (id, secret_hash, project, label, requestor, approver,"
+                " app_ids, case_code, lighthouse, business_case, created, expires)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    key.id,
+                    key.secret_hash,
+                    key.project,
+                    key.label,
+                    request.requestor,
+                    request.approver,
+                    json.dumps(request.app_ids),
+                    request.case_code,
+                    int(request.lighthouse),
+                    request.business_case,
+                    key.created,
+                    key.expires,
+                ),
+            )
+
+    def revoke(self, key_id: str, now: float) -> None:
+        """Revoke a key from ``now`` on.
+
+        Raises:
+            NotFound: No such key.
+        """
+        with self._change(key_id) as db:
+            changed = self._exec(
+                db,
+                "UPDATE keys SET revoked = COALESCE(revoked, ?) WHERE id = ?",
+                (now, key_id),
+            )
+            if not changed:
+                raise NotFound(f"no key {key_id!r}")
+
+    def list_keys(self, project: str | None = None) -> list[Credential]:
+        """Return every key, or those of one project, oldest first."""
+        if project is None:
+            rows = self._read("SELECT * FROM keys ORDER BY created, id")
+        else:
+            rows = self._read(
+                "SELECT * FROM keys WHERE project = ? ORDER BY created, id", project
+            )
+        return [self._credential(row) for row in rows]
+
+    def add_permission(self, key_id: str, permission: Permission) -> None:
+        """Give a key a gateway permission.
+
+        Raises:
+            NotFound: No such key.
+        """
+        self._require_key(key_id)
+        with self._change(key_id) as db:
+            self._exec(
+                db,
+                "INSERT INTO permissions (key_id, project, service, prefix, methods)"
+                " VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
+                (
+                    key_id,
+                    permission.project,
+                    permission.service,
+                    permission.prefix,
+                    ",".join(sorted(permission.methods)),
+                ),
+            )
+
+    def add_grant(self, key_id: str, grant: Grant) -> None:
+        """Give a key a resource grant, replacing one for the same resource.
+
+        Raises:
+            NotFound: No such key.
+        """
+        self._require_key(key_id)
+        with self._change(key_id) as db:
+            self._exec(
+                db,
+                "INSERT INTO grants (key_id, resource, locations, data_type)"
+                " VALUES (?,?,?,?) ON CONFLICT (key_id, resource) DO UPDATE SET"
+                " locations = excluded.locations, data_type = excluded.data_type",
+                (
+                    key_id,
+                    grant.resource,
+                    json.dumps(grant.locations),
+                    grant.data_type.value,
+                ),
+            )
+
+    def add_service(self, endpoint: ServiceEndpoint) -> None:
+        """Register (or move) a service of a project at a lineage version."""
+        with self._transaction() as db:
+            self._exec(
+                db,
+                "INSERT INTO services (project, lineage_version, service, base_url)"
+                " VALUES (?,?,?,?) ON CONFLICT (project, lineage_version, service)"
+                " DO UPDATE SET base_url = excluded.base_url",
+                (
+                    endpoint.project,
+                    endpoint.lineage_version,
+                    endpoint.service,
+                    endpoint.base_url,
+                ),
+            )
+
+    def publishes(self, key_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Return the latest publish records of a key, newest first."""
+        rows = self._read(
+            "SELECT * FROM publishes WHERE key_id = ? ORDER BY id DESC LIMIT ?",
+            key_id,
+            limit,
+        )
+        return [dict(row) | {"locations": json.loads(row["locations"])} for row in rows]
+
+    def forwards(self, key_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Return the latest forward records of a key, newest first."""
+        rows = self._read(
+            "SELECT * FROM forwards WHERE key_id = ? ORDER BY id DESC LIMIT ?",
+            key_id,
+            limit,
+        )
+        return [dict(row) for row in rows]
+
+    def ping(self) -> None:
+        """Check the database answers.
+
+        Raises:
+            Unavailable: It does not.
+        """
+        self._read("SELECT 1 AS one")
+
+    def _require_key(self, key_id: str) -> None:
+        if not self._read("SELECT 1 AS one FROM keys WHERE id = ?", key_id):
+            raise NotFound(f"no key {key_id!r}")
