@@ -7,6 +7,8 @@ third-party plugins do. A plugin module defines functions marked with
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,6 +33,8 @@ __all__ = [
     "hookspec",
     "plugin_manager",
 ]
+
+log = logging.getLogger(__name__)
 
 PROJECT = "dais"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -105,7 +109,22 @@ def plugin_manager(*plugins: object, entry_points: bool = True) -> pluggy.Plugin
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(Specs)
     if entry_points:
-        manager.load_setuptools_entrypoints(PROJECT)
+        _load_entry_points(manager)
     for plugin in plugins:
         manager.register(plugin)
     return manager
+
+
+def _load_entry_points(manager: pluggy.PluginManager) -> None:
+    # Like pluggy's load_setuptools_entrypoints, but a plugin whose optional
+    # dependency is not installed (psycopg, redis, boto3) is skipped with a
+    # note instead of stopping the gateway that does not use it.
+    for entry_point in importlib.metadata.entry_points(group=PROJECT):
+        if manager.get_plugin(entry_point.name) or manager.is_blocked(entry_point.name):
+            continue
+        try:
+            plugin = entry_point.load()
+        except ImportError as exc:
+            log.debug("plugin %s skipped: %s", entry_point.name, exc)
+            continue
+        manager.register(plugin, name=entry_point.name)

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import attrs
 import pluggy
 
+from dais_adapters.cache import BatchRecorder, CachedKeyStore
 from dais_adapters.hooks import ForwarderOptions, StorageContext, plugin_manager
 from dais_core.errors import InvalidData
 from dais_core.policies import ConcurrencyCap, KeyedLocks, Throttler
@@ -75,6 +76,14 @@ class Runtime:
     inspector: Inspector
     commit_locks: KeyedLocks
     hooks: Any
+    records: BatchRecorder
+    listener: Any = None
+
+    def close(self) -> None:
+        """Stop background work and write the records still queued."""
+        if self.listener is not None:
+            self.listener.stop()
+        self.records.stop()
 
 
 def _first(found: Any, what: str, url: str) -> Any:
@@ -120,12 +129,23 @@ def bootstrap(
     for contributed in hook.dais_storages(context=context):
         storages.update(contributed)
     options = ForwarderOptions(settings.connect_timeout, settings.read_timeout)
+    store = _first(hook.dais_key_store(url=store_url), "key store", store_url)
+    records = BatchRecorder(store, settings.record_interval).start()
+    keys = CachedKeyStore(
+        store,
+        records,
+        ttl=settings.key_cache_ttl,
+        degraded_ttl=settings.key_cache_degraded_ttl,
+    )
+    listener = None
+    if callable(getattr(store, "listener", None)):
+        listener = store.listener(keys.invalidate, keys.notifications).start()
     gateway_throttle = None
     if settings.gateway_rate is not None:
         gateway_throttle = Throttler(throttle, clock, settings.gateway_rate, "gateway")
     return Runtime(
         settings=settings,
-        keys=_first(hook.dais_key_store(url=store_url), "key store", store_url),
+        keys=keys,
         registry=_first(
             hook.dais_service_registry(url=store_url), "service registry", store_url
         ),
@@ -138,4 +158,6 @@ def bootstrap(
         inspector=Inspectors([i for found in hook.dais_inspectors() for i in found]),
         commit_locks=KeyedLocks(),
         hooks=hook,
+        records=records,
+        listener=listener,
     )

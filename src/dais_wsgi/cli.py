@@ -104,9 +104,14 @@ def _rate(text: str | None) -> RatePolicy | None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     home = Path(args.home or os.environ.get("DAIS_HOME") or DEFAULT_HOME)
-    served: dict[str, Any] = {}
+    served: dict[str, Any] = {
+        "store_url": args.store or os.environ.get("DAIS_STORE", ""),
+    }
     if getattr(args, "run", None) in {_serve, _demo}:
-        served = {
+        served |= {
+            "throttle_url": args.throttle
+            or os.environ.get("DAIS_THROTTLE")
+            or Settings().throttle_url,
             "host": args.host,
             "port": args.port,
             "threads": args.threads,
@@ -244,7 +249,8 @@ def _plain(instance: Any, field: Any, value: Any) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     from dais_wsgi.server import make_server
 
-    server = make_server(bootstrap(_settings(args)))
+    runtime = bootstrap(_settings(args))
+    server = make_server(runtime)
     print(f"dais gateway on http://{args.host}:{server.effective_port}", flush=True)
     try:
         server.run()
@@ -252,6 +258,7 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     finally:
         server.close()
+        runtime.close()
     return 0
 
 
@@ -266,6 +273,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="dais-gateway", description="Dais external integration gateway."
     )
     parser.add_argument("--home", help="state folder (default: $DAIS_HOME or ./.dais)")
+    parser.add_argument(
+        "--store",
+        help="key store URL: sqlite:///path or postgresql://... "
+        "(default: $DAIS_STORE or a SQLite file in the home folder)",
+    )
     groups = parser.add_subparsers(dest="group", required=True)
 
     keys = groups.add_parser("keys", help="API keys").add_subparsers(
@@ -361,6 +373,11 @@ def _parser() -> argparse.ArgumentParser:
             "--gateway-rate", help="webhook calls per key (default: off)"
         )
         command.add_argument("--trust-forwarded", action="store_true")
+        command.add_argument(
+            "--throttle",
+            help="throttle state URL: memory:// or redis://host:port/db "
+            "(default: $DAIS_THROTTLE or memory://)",
+        )
         command.set_defaults(run=run)
     return parser
 

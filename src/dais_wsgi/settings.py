@@ -51,6 +51,15 @@ class Settings:
     connect_timeout: float = 5.0
     #: Seconds to wait for each read of an upstream's answer.
     read_timeout: float = 30.0
+    #: Seconds a verified key is cached while the store announces changes
+    #: (PostgreSQL); a revocation reaches every process at once.
+    key_cache_ttl: float = 5.0
+    #: Seconds a key is cached when changes cannot be announced (SQLite, or
+    #: PostgreSQL while its notifications are down): the bound on how long
+    #: a revoked key may still pass.
+    key_cache_degraded_ttl: float = 1.0
+    #: Seconds between two batched writes of records and last-use times.
+    record_interval: float = 0.5
     #: Extend a caller's ``X-Forwarded-For`` chain instead of starting anew;
     #: set it only behind a proxy that overwrites the header.
     trust_forwarded: bool = False

@@ -24,7 +24,7 @@ from dais_core.values import (
     Permission,
     ServiceEndpoint,
 )
-from dais_wsgi.bootstrap import AdminStore, admin_store, bootstrap
+from dais_wsgi.bootstrap import AdminStore, Runtime, admin_store, bootstrap
 from dais_wsgi.server import BackgroundServer, make_server
 from dais_wsgi.settings import Settings
 
@@ -112,6 +112,11 @@ class Gateway:
     settings: Settings
     store: AdminStore
     server: Any
+    runtime: Runtime
+
+    def flush(self) -> None:
+        """Write the records the gateway has queued."""
+        self.runtime.records.flush()
 
     @property
     def filemanager(self) -> Path:
@@ -169,14 +174,19 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
         settings = Settings(home=tmp_path / f"home{len(started)}", port=0, **overrides)
         runtime = bootstrap(settings, plugin_manager(*plugins))
         runner = BackgroundServer(make_server(runtime)).start()
-        started.append(runner)
+        started.append((runner, runtime))
         return Gateway(
-            f"http://127.0.0.1:{runner.port}", settings, admin_store(settings), runner
+            f"http://127.0.0.1:{runner.port}",
+            settings,
+            admin_store(settings),
+            runner,
+            runtime,
         )
 
     yield start
-    for runner in started:
+    for runner, runtime in started:
         runner.stop()
+        runtime.close()
 
 
 @pytest.fixture

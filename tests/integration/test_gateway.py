@@ -263,6 +263,7 @@ class TestPermissionsAndRecords:
             body=b"12345",
             headers={"X-Request-Id": "trace-7"},
         )
+        gateway.flush()
         (record,) = gateway.store.forwards(key_id)  # type: ignore[attr-defined]
         assert (record["project"], record["service"], record["lineage_version"]) == (
             "p1",

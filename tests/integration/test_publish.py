@@ -265,6 +265,7 @@ class TestLimitsAndRecords:
         ok = post(gateway, token, "x", b"12345", **{"X-Request-Id": "req-1"})
         post(gateway, token, "x", b"1", **{"X-Checksum-SHA256": "00" * 32})
         assert ok.status == 200
+        gateway.flush()
         records = gateway.store.publishes(key_id)  # type: ignore[attr-defined]
         assert [r["outcome"] for r in records] == ["invalid_data", "published"]
         latest_ok = records[1]

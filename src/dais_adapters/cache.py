@@ -1,0 +1,209 @@
+"""An in-process cache of verified keys, and a write-behind record buffer.
+
+:class:`CachedKeyStore` answers ``load`` from memory so that the hot path
+makes no network call. Entries (misses included, so that a spray of unknown
+key ids does not reach the database) live for a short TTL; a store that can
+announce changes (PostgreSQL ``LISTEN``) invalidates them at once, and while
+it cannot, the cache forgets everything and falls back to the short TTL.
+
+:class:`BatchRecorder` queues publish and forward records and writes them,
+with each key's last use, in one transaction per interval, never per
+request.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import attrs
+
+from dais_core.errors import DaisError
+from dais_core.ports import KeyStore
+from dais_core.values import Credential, ForwardRecord, PublishRecord
+
+__all__ = ["BatchRecorder", "CacheStats", "CachedKeyStore"]
+
+log = logging.getLogger(__name__)
+
+
+class Recorder(Protocol):
+    """Where records go."""
+
+    def record_publish(self, record: PublishRecord) -> None: ...
+    def record_forward(self, record: ForwardRecord) -> None: ...
+
+
+@attrs.define
+class CacheStats:
+    """Counters of a key cache, for metrics."""
+
+    hits: int = 0
+    misses: int = 0
+    invalidations: int = 0
+
+
+class CachedKeyStore:
+    """A ``KeyStore`` that remembers what ``load`` returned, for a while.
+
+    Args:
+        store: The store to read through to.
+        recorder: Where records go (usually a :class:`BatchRecorder`).
+        ttl: Seconds an entry lives while change notifications flow.
+        degraded_ttl: Seconds an entry lives while they may be missed.
+        max_entries: Entries kept at most; the least recently used go first.
+        clock: A monotonic clock.
+    """
+
+    def __init__(
+        self,
+        store: KeyStore,
+        recorder: Recorder,
+        *,
+        ttl: float = 1.0,
+        degraded_ttl: float = 1.0,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.recorder = recorder
+        self.ttl = ttl
+        self.degraded_ttl = degraded_ttl
+        self.notified = False
+        self.max_entries = max_entries
+        self.clock = clock
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[str, tuple[float, Credential | None]] = (
+            collections.OrderedDict()
+        )
+
+    def load(self, key_id: str) -> Credential | None:
+        """Return the credential of ``key_id``, from memory when fresh."""
+        now = self.clock()
+        with self._lock:
+            entry = self._entries.get(key_id)
+            if entry is not None and entry[0] > now:
+                self._entries.move_to_end(key_id)
+                self.stats.hits += 1
+                return entry[1]
+            self.stats.misses += 1
+        found = self.store.load(key_id)
+        ttl = self.ttl if self.notified else self.degraded_ttl
+        with self._lock:
+            self._entries[key_id] = (now + ttl, found)
+            self._entries.move_to_end(key_id)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return found
+
+    def invalidate(self, key_id: str) -> None:
+        """Forget one key (it changed somewhere)."""
+        with self._lock:
+            self._entries.pop(key_id, None)
+            self.stats.invalidations += 1
+
+    def clear(self) -> None:
+        """Forget every key (changes may have been missed)."""
+        with self._lock:
+            self._entries.clear()
+
+    def notifications(self, flowing: bool) -> None:
+        """Say whether change notifications reach this cache."""
+        self.notified = flowing
+        self.clear()
+
+    def record_publish(self, record: PublishRecord) -> None:
+        """Pass a publish record on."""
+        self.recorder.record_publish(record)
+
+    def record_forward(self, record: ForwardRecord) -> None:
+        """Pass a forward record on."""
+        self.recorder.record_forward(record)
+
+
+class BatchWriter(Protocol):
+    """A store that keeps many records in one go."""
+
+    def record_batch(
+        self, publishes: Sequence[PublishRecord], forwards: Sequence[ForwardRecord]
+    ) -> None: ...
+
+
+class BatchRecorder:
+    """Queue records and write them in batches from a thread of its own.
+
+    Args:
+        store: Where batches are written.
+        interval: Seconds between two writes.
+        max_queued: Records kept while the store is down; beyond that the
+            oldest are dropped, with a warning.
+    """
+
+    def __init__(
+        self, store: BatchWriter, interval: float = 0.5, max_queued: int = 100_000
+    ) -> None:
+        self.store = store
+        self.interval = interval
+        self._publishes: collections.deque[PublishRecord] = collections.deque(
+            maxlen=max_queued
+        )
+        self._forwards: collections.deque[ForwardRecord] = collections.deque(
+            maxlen=max_queued
+        )
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name="dais-records"
+        )
+
+    def start(self) -> BatchRecorder:
+        """Start writing in the background; return ``self``."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Write what is queued and stop."""
+        self._stopping.set()
+        self._thread.join(10)
+        self.flush()
+
+    def record_publish(self, record: PublishRecord) -> None:
+        """Queue a publish record."""
+        with self._lock:
+            self._publishes.append(record)
+
+    def record_forward(self, record: ForwardRecord) -> None:
+        """Queue a forward record."""
+        with self._lock:
+            self._forwards.append(record)
+
+    def flush(self) -> None:
+        """Write everything queued now (kept queued if the store is down)."""
+        with self._write_lock:
+            with self._lock:
+                publishes, forwards = list(self._publishes), list(self._forwards)
+                self._publishes.clear()
+                self._forwards.clear()
+            if not publishes and not forwards:
+                return
+            try:
+                self.store.record_batch(publishes, forwards)
+            except DaisError as exc:
+                log.warning(
+                    "could not write %d records: %s",
+                    len(publishes) + len(forwards),
+                    exc,
+                )
+                with self._lock:
+                    self._publishes.extendleft(reversed(publishes))
+                    self._forwards.extendleft(reversed(forwards))
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval):
+            self.flush()

@@ -1,0 +1,293 @@
+"""PostgreSQL key store and service registry, for several gateways at once.
+
+The queries are those of :class:`~dais_adapters._sql.SqlStore`; this module
+adds a psycopg connection pool, a schema that the store creates and migrates
+itself (under an advisory lock, so two processes starting together do not
+race), and change notifications: every admin change to a key sends
+``NOTIFY dais_keys, '<key id>'`` in the same transaction, and
+:class:`KeyChangeListener` turns them into cache invalidations in every
+gateway process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from dais_adapters._sql import Row, SqlStore
+from dais_adapters.hooks import hookimpl
+from dais_core.errors import InvalidData, Unavailable
+
+__all__ = ["CHANNEL", "KeyChangeListener", "PostgresStore"]
+
+log = logging.getLogger(__name__)
+
+#: The NOTIFY channel that carries the ids of changed keys.
+CHANNEL = "dais_keys"
+# An arbitrary constant naming the advisory lock held while migrating.
+_MIGRATION_LOCK = 0x6461_6973
+
+_MIGRATIONS = (
+    """
+    CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        project TEXT NOT NULL,
+        label TEXT NOT NULL DEFAULT '',
+        requestor TEXT NOT NULL DEFAULT '',
+        approver TEXT NOT NULL DEFAULT '',
+        app_ids TEXT NOT NULL DEFAULT '[]',
+        case_code TEXT NOT NULL DEFAULT '',
+        lighthouse INTEGER NOT NULL DEFAULT 0,
+        business_case TEXT NOT NULL DEFAULT '',
+        created DOUBLE PRECISION NOT NULL,
+        expires DOUBLE PRECISION,
+        revoked DOUBLE PRECISION,
+        last_used DOUBLE PRECISION
+    );
+    CREATE INDEX keys_project ON keys (project);
+    CREATE TABLE permissions (
+        id BIGSERIAL PRIMARY KEY,
+        key_id TEXT NOT NULL REFERENCES keys (id),
+        project TEXT NOT NULL,
+        service TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        methods TEXT NOT NULL DEFAULT '',
+        UNIQUE (key_id, project, service, prefix, methods)
+    );
+    CREATE TABLE grants (
+        id BIGSERIAL PRIMARY KEY,
+        key_id TEXT NOT NULL REFERENCES keys (id),
+        resource TEXT NOT NULL,
+        locations TEXT NOT NULL,
+        data_type TEXT NOT NULL,
+        UNIQUE (key_id, resource)
+    );
+    CREATE TABLE services (
+        project TEXT NOT NULL,
+        lineage_version INTEGER NOT NULL,
+        service TEXT NOT NULL,
+        base_url TEXT NOT NULL,
+        PRIMARY KEY (project, lineage_version, service)
+    );
+    CREATE TABLE publishes (
+        id BIGSERIAL PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        sha256 TEXT NOT NULL,
+        locations TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        duration DOUBLE PRECISION NOT NULL,
+        request_id TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX publishes_key ON publishes (key_id, id);
+    CREATE TABLE forwards (
+        id BIGSERIAL PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        service TEXT NOT NULL,
+        lineage_version INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        route TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        latency DOUBLE PRECISION NOT NULL,
+        bytes_in BIGINT NOT NULL,
+        request_id TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX forwards_key ON forwards (key_id, id)
+    """,
+)
+
+
+def _pg(sql: str) -> str:
+    # The shared queries use "?" placeholders; psycopg wants "%s".
+    return sql.replace("?", "%s")
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except psycopg.errors.IntegrityError as exc:
+        raise InvalidData("that record conflicts with one already stored") from exc
+    except (psycopg.Error, PoolTimeout) as exc:
+        raise Unavailable("the key store is unavailable") from exc
+
+
+class PostgresStore(SqlStore):
+    """Keys, permissions, grants, services and records in PostgreSQL.
+
+    Args:
+        url: A libpq connection URL (``postgresql://user@host:port/db``).
+        pool_size: Most connections kept open.
+        timeout: Seconds to wait for a connection before giving up (503).
+    """
+
+    def __init__(self, url: str, pool_size: int = 10, timeout: float = 5.0) -> None:
+        self.url = url
+        self.pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            timeout=timeout,
+            kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 5},
+            open=False,
+            name="dais-store",
+        )
+        with _translated():
+            self.pool.open(wait=True, timeout=timeout)
+            self._migrate()
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.pool.close()
+
+    def _read(self, sql: str, *args: Any) -> list[Row]:
+        with (
+            _translated(),
+            self.pool.connection() as connection,
+            connection.cursor(row_factory=dict_row) as cursor,
+        ):
+            return list(cursor.execute(_pg(sql), args).fetchall())
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        with (
+            _translated(),
+            self.pool.connection() as connection,
+            connection.transaction(),
+        ):
+            yield connection
+
+    def _exec(self, db: Any, sql: str, args: Sequence[Any] = ()) -> int:
+        return int(db.execute(_pg(sql), args).rowcount)
+
+    def _execmany(self, db: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with db.cursor() as cursor:
+            cursor.executemany(_pg(sql), rows)
+
+    def _changed(self, db: Any, key_id: str) -> None:
+        db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, key_id))
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS dais_schema (version INTEGER NOT NULL)"
+            )
+            row = db.execute(
+                "SELECT max(version) AS version FROM dais_schema"
+            ).fetchone()
+            version = (row or {}).get("version") or 0
+            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO dais_schema (version) VALUES (%s)", (number,))
+                log.debug("migrated the PostgreSQL store to schema %d", number)
+
+    def listener(
+        self, on_change: Callable[[str], None], on_state: Callable[[bool], None]
+    ) -> KeyChangeListener:
+        """Return a listener for key changes made by any process."""
+        return KeyChangeListener(self.url, on_change, on_state)
+
+
+class KeyChangeListener:
+    """Hear ``NOTIFY dais_keys`` on a connection of its own, in a thread.
+
+    ``on_state(True)`` is called once notifications flow, ``on_state(False)``
+    when the connection is lost (the cache then forgets everything and leans
+    on its short TTL); the listener reconnects with a growing pause, up to 5
+    seconds.
+
+    Args:
+        url: The PostgreSQL URL.
+        on_change: Called with the id of each changed key.
+        on_state: Called with whether notifications flow.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        on_change: Callable[[str], None],
+        on_state: Callable[[bool], None],
+    ) -> None:
+        self.url = url
+        self.on_change = on_change
+        self.on_state = on_state
+        self.connected = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name="dais-listen"
+        )
+
+    def start(self) -> KeyChangeListener:
+        """Start listening; return ``self``."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening (within about a second)."""
+        self._stopping.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        pause = 0.1
+        while not self._stopping.is_set():
+            try:
+                self._listen()
+                pause = 0.1
+            except psycopg.Error as exc:
+                log.warning("key change notifications lost: %s", exc)
+            self.connected.clear()
+            self.on_state(False)
+            self._stopping.wait(pause)
+            pause = min(pause * 2, 5.0)
+
+    def _listen(self) -> None:
+        with psycopg.connect(
+            self.url, autocommit=True, connect_timeout=5
+        ) as connection:
+            connection.execute(f"LISTEN {CHANNEL}")
+            self.connected.set()
+            self.on_state(True)
+            log.debug("listening for key changes")
+            while not self._stopping.is_set():
+                for notice in connection.notifies(timeout=1.0):
+                    self.on_change(notice.payload)
+
+
+_stores: dict[str, PostgresStore] = {}
+_stores_lock = threading.Lock()
+
+
+def _shared(url: str) -> PostgresStore | None:
+    if not url.startswith(("postgresql://", "postgres://")):
+        return None
+    with _stores_lock:
+        if url not in _stores:
+            _stores[url] = PostgresStore(url)
+        return _stores[url]
+
+
+@hookimpl
+def dais_key_store(url: str) -> PostgresStore | None:
+    """Serve ``postgresql://`` key stores."""
+    return _shared(url)
+
+
+@hookimpl
+def dais_service_registry(url: str) -> PostgresStore | None:
+    """Serve ``postgresql://`` service registries (the same database)."""
+    return _shared(url)

@@ -1,0 +1,303 @@
+"""One contract for every key store: SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from dais_adapters.cache import BatchRecorder, CachedKeyStore
+from dais_adapters.postgres import PostgresStore
+from dais_adapters.sqlite import SqliteStore
+from dais_core.errors import InvalidData, NotFound, Unavailable
+from dais_core.keys import new_key
+from dais_core.values import (
+    ApiKey,
+    DataType,
+    ForwardRecord,
+    Grant,
+    KeyRequest,
+    Permission,
+    PublishRecord,
+    ServiceEndpoint,
+)
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose tables live in a fresh schema, dropped afterwards."""
+    schema = f"dais_t_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 (database test) is needed: {exc}")
+    with admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """Each key store, empty."""
+    if request.param == "sqlite":
+        yield SqliteStore(tmp_path / "keys.sqlite3")
+        return
+    url = request.getfixturevalue("pg_url")
+    made = PostgresStore(url, pool_size=4)
+    yield made
+    made.close()
+
+
+def a_key(project: str = "p1", **changes: Any) -> tuple[ApiKey, str]:
+    made = new_key()
+    key = ApiKey(
+        made.id,
+        made.secret_hash,
+        project,
+        "label",
+        KeyRequest("req@x", "app@x", ("a1", "a2"), "C-1", True, "because"),
+        1000.0,
+        changes.get("expires"),
+    )
+    return key, made.token
+
+
+class TestKeys:
+    """Keys round-trip with their metadata; only the hash is stored."""
+
+    def test_a_key_round_trips(self, store):
+        """What was added is what load returns."""
+        key, _ = a_key()
+        store.add_key(key)
+        loaded = store.load(key.id)
+        assert loaded.key == key
+        assert (loaded.permissions, loaded.grants) == ((), ())
+
+    def test_an_unknown_key_is_none(self, store):
+        """load of an id never added is None."""
+        assert store.load("0123456789abcdef") is None
+
+    def test_a_duplicate_id_is_refused(self, store):
+        """Adding the same id twice is a conflict, not an overwrite."""
+        key, _ = a_key()
+        store.add_key(key)
+        with pytest.raises(InvalidData):
+            store.add_key(key)
+
+    def test_revoke_marks_once(self, store):
+        """The first revocation time stays; an unknown id is NotFound."""
+        key, _ = a_key()
+        store.add_key(key)
+        store.revoke(key.id, 2000.0)
+        store.revoke(key.id, 3000.0)
+        assert store.load(key.id).key.revoked == 2000.0
+        with pytest.raises(NotFound):
+            store.revoke("ffffffffffffffff", 1.0)
+
+    def test_list_keys_by_project(self, store):
+        """A project sees its own keys only."""
+        mine, _ = a_key("p1")
+        theirs, _ = a_key("p2")
+        store.add_key(mine)
+        store.add_key(theirs)
+        assert [c.key.id for c in store.list_keys("p1")] == [mine.id]
+        assert {c.key.id for c in store.list_keys()} == {mine.id, theirs.id}
+
+
+class TestPermissionsAndGrants:
+    """Permissions and grants belong to a key."""
+
+    def test_permissions_and_grants_load_with_the_key(self, store):
+        """Both come back in insertion order; duplicates are ignored."""
+        key, _ = a_key()
+        store.add_key(key)
+        first = Permission("p1", "svc", "/api", frozenset({"POST", "PUT"}))
+        second = Permission("p1", "svc", "/other")
+        for permission in (first, second, first):
+            store.add_permission(key.id, permission)
+        grant = Grant("dir/", ("filemanager://p1/in/", "s3://b/in/"), DataType.CSV)
+        store.add_grant(key.id, grant)
+        loaded = store.load(key.id)
+        assert loaded.permissions == (first, second)
+        assert loaded.grants == (grant,)
+
+    def test_a_grant_for_the_same_resource_is_replaced(self, store):
+        """Adding a grant again changes its locations and type."""
+        key, _ = a_key()
+        store.add_key(key)
+        store.add_grant(key.id, Grant("x", ("filemanager://p1/x",)))
+        store.add_grant(key.id, Grant("x", ("filemanager://p1/y",), DataType.SQLITE))
+        assert store.load(key.id).grants == (
+            Grant("x", ("filemanager://p1/y",), DataType.SQLITE),
+        )
+
+    def test_an_unknown_key_gets_nothing(self, store):
+        """Permissions and grants need an existing key."""
+        with pytest.raises(NotFound):
+            store.add_permission("ffffffffffffffff", Permission("p", "s", "/"))
+        with pytest.raises(NotFound):
+            store.add_grant("ffffffffffffffff", Grant("x", ("filemanager://p/x",)))
+
+
+class TestServices:
+    """The registry keeps one base URL per project, version and service."""
+
+    def test_services_are_listed_per_project_and_moved_in_place(self, store):
+        """A second registration of the same service moves it."""
+        store.add_service(ServiceEndpoint("p1", 1, "svc", "http://127.0.0.1:1"))
+        store.add_service(ServiceEndpoint("p1", 2, "svc", "http://127.0.0.1:2"))
+        store.add_service(ServiceEndpoint("p1", 1, "svc", "http://127.0.0.1:3"))
+        store.add_service(ServiceEndpoint("p2", 1, "svc", "http://127.0.0.1:4"))
+        assert sorted(store.endpoints("p1"), key=lambda e: e.lineage_version) == [
+            ServiceEndpoint("p1", 1, "svc", "http://127.0.0.1:3"),
+            ServiceEndpoint("p1", 2, "svc", "http://127.0.0.1:2"),
+        ]
+        assert store.endpoints("nobody") == []
+
+
+class TestRecords:
+    """Records are kept in batches with the key's latest use."""
+
+    def test_a_batch_keeps_records_and_the_latest_use(self, store):
+        """last_used is the newest record's time, never older."""
+        key, _ = a_key()
+        store.add_key(key)
+        publish = PublishRecord(
+            key.id, "x", 5, "ab", ("filemanager://p1/x",), "published", 0.1, "r1", 50.0
+        )
+        forward = ForwardRecord(
+            key.id, "p1", "svc", 2, "POST", "/a", 202, 0.01, 3, "r2", 70.0
+        )
+        store.record_batch([publish], [forward])
+        store.record_batch(
+            [],
+            [
+                ForwardRecord(
+                    key.id, "p1", "svc", 2, "GET", "/b", 200, 0.0, 0, "r3", 60.0
+                )
+            ],
+        )
+        assert store.load(key.id).key.last_used == 70.0
+        (kept,) = store.publishes(key.id)
+        assert (kept["resource"], kept["size"], kept["locations"]) == (
+            "x",
+            5,
+            ["filemanager://p1/x"],
+        )
+        assert [r["request_id"] for r in store.forwards(key.id)] == ["r3", "r2"]
+
+    def test_the_recorder_writes_in_the_background(self, store):
+        """Queued records reach the store without an explicit flush."""
+        key, _ = a_key()
+        store.add_key(key)
+        recorder = BatchRecorder(store, interval=0.05).start()
+        try:
+            recorder.record_forward(
+                ForwardRecord(
+                    key.id, "p1", "svc", 1, "POST", "/", 200, 0.0, 0, "bg", 10.0
+                )
+            )
+            deadline = time.monotonic() + 5
+            while not store.forwards(key.id):
+                assert time.monotonic() < deadline, "the recorder never wrote"
+                time.sleep(0.02)
+        finally:
+            recorder.stop()
+
+
+class TestPostgresOnly:
+    """What only the shared store has to do."""
+
+    def test_concurrent_start_up_migrates_once(self, pg_url):
+        """Several processes' stores starting together leave one schema."""
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            stores = list(
+                pool.map(lambda _: PostgresStore(pg_url, pool_size=1), range(4))
+            )
+        with psycopg.connect(pg_url) as db:
+            assert db.execute("SELECT count(*) FROM dais_schema").fetchone()[0] == 1
+        for made in stores:
+            made.close()
+
+    def test_a_dead_server_is_unavailable(self):
+        """A closed port is a 503-class error, not a driver exception."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with pytest.raises(Unavailable):
+            PostgresStore(f"postgresql://postgres@127.0.0.1:{port}/test", timeout=1.0)
+
+    def test_changes_are_announced_to_every_listener(self, pg_url):
+        """A revocation through one store invalidates another process's cache."""
+        writer = PostgresStore(pg_url, pool_size=2)
+        reader = PostgresStore(pg_url, pool_size=2)
+        key, _ = a_key()
+        writer.add_key(key)
+        cache = CachedKeyStore(
+            reader, BatchRecorder(reader), ttl=60.0, degraded_ttl=60.0
+        )
+        heard: list[str] = []
+        flowing = threading.Event()
+
+        def on_state(up: bool) -> None:
+            cache.notifications(up)
+            if up:
+                flowing.set()
+
+        def on_change(key_id: str) -> None:
+            heard.append(key_id)
+            cache.invalidate(key_id)
+
+        listener = reader.listener(on_change, on_state).start()
+        try:
+            assert flowing.wait(5), "the listener never connected"
+            assert cache.load(key.id).key.revoked is None
+            writer.revoke(key.id, 2000.0)
+            deadline = time.monotonic() + 1.0
+            while cache.load(key.id).key.revoked is None:
+                assert time.monotonic() < deadline, "revocation not seen within 1 s"
+                time.sleep(0.01)
+            assert key.id in heard
+        finally:
+            listener.stop()
+            writer.close()
+            reader.close()
+
+
+class TestCache:
+    """The key cache answers from memory, misses included."""
+
+    def test_hits_and_misses_are_cached_until_the_ttl(self, store):
+        """A second load within the TTL does not reach the store."""
+        key, _ = a_key()
+        store.add_key(key)
+        now = [0.0]
+        cache = CachedKeyStore(
+            store, BatchRecorder(store), ttl=5, degraded_ttl=1, clock=lambda: now[0]
+        )
+        cache.load(key.id)
+        cache.load("0000000000000000")
+        store.revoke(key.id, 2.0)
+        assert cache.load(key.id).key.revoked is None
+        assert cache.load("0000000000000000") is None
+        assert (cache.stats.hits, cache.stats.misses) == (2, 2)
+        now[0] = 1.5
+        assert cache.load(key.id).key.revoked == 2.0
+
+    def test_the_cache_is_bounded(self, store):
+        """Past max_entries the least recently used entries go."""
+        cache = CachedKeyStore(store, BatchRecorder(store), max_entries=3)
+        for n in range(10):
+            cache.load(f"{n:016x}")
+        assert len(cache._entries) == 3
