@@ -159,6 +159,17 @@ class LocalFolderStorage:
             handle = open(temp, "xb")  # noqa: SIM115 - closed by commit or abort
         return _StagedFile(temp, destination, handle, self.staging)
 
+    def ping(self) -> None:
+        """Check the File Manager folder exists (or can be made) and is writable.
+
+        Raises:
+            PublishFailed: It cannot be used.
+        """
+        with _translated("reach its folder"):
+            self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise PublishFailed("the File Manager folder is not writable")
+
     def sweep(self) -> int:
         """Remove staged copies left by a process that died; return how many.
 

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -39,6 +39,7 @@ from dais_core.rules import resource_id_from_target
 from dais_core.usecases import authenticate, authorise_call, publish
 from dais_core.values import ForwardRecord, PublishRecord
 from dais_wsgi.bootstrap import Runtime
+from dais_wsgi.metrics import Health, Metrics, MetricsResource, Readiness
 
 __all__ = ["UPLOAD_PREFIX", "create_app"]
 
@@ -78,6 +79,8 @@ def _handle_dais_error(
     resp.media = exc.body()
     req.context.error = exc.code
     if isinstance(exc, Throttled):
+        policy_name = getattr(req.context, "rate", ("upload", None))[0]
+        req.context.metrics.throttle.labels(policy_name, "throttled").inc()
         resp.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
         if isinstance(exc.decision, Decision):
             rate: tuple[str, RatePolicy] = getattr(req.context, "rate", None) or (
@@ -108,7 +111,14 @@ def _handle_unexpected(
 
 
 class AccessLog:
-    """Give each request an id, and write one INFO line when it is answered."""
+    """Give each request an id, count it, and write one INFO line for it.
+
+    Args:
+        metrics: Where requests are counted.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller_id = req.get_header("X-Request-Id")
@@ -118,16 +128,19 @@ class AccessLog:
         req.context.started = time.perf_counter()
         req.context.key_id = "-"
         req.context.template = "-"
+        req.context.metrics = self.metrics
         resp.set_header("X-Request-Id", req.context.request_id)
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, ok: bool
     ) -> None:
+        status = str(resp.status)[:3]
+        self.metrics.requests.labels(req.context.template, status).inc()
         log.info(
             "%s %s %s %d %.1fms key=%s id=%s",
             req.method,
             req.context.template,
-            resp.status[:3] if isinstance(resp.status, str) else resp.status,
+            status,
             req.content_length or 0,
             (time.perf_counter() - req.context.started) * 1000,
             req.context.key_id,
@@ -210,6 +223,7 @@ class UploadSink:
         target = map_resource(credential.grants, resource_id)
         req.context.rate = ("upload", settings.upload_rate)
         decision = runtime.upload_throttle.check(credential.key.id)
+        req.context.metrics.throttle.labels("upload", "allowed").inc()
         _rate_headers(resp, "upload", settings.upload_rate, decision)
 
         boundary = self._boundary(req)
@@ -236,6 +250,7 @@ class UploadSink:
                 locks=runtime.commit_locks,
             )
             outcome = "published"
+            req.context.metrics.uploaded.inc(result.size)
         except DaisError as exc:
             outcome = exc.code
             raise
@@ -334,6 +349,7 @@ class GatewaySink:
         if runtime.gateway_throttle is not None:
             req.context.rate = ("gateway", runtime.gateway_throttle.policy)
             decision = runtime.gateway_throttle.check(credential.key.id)
+            req.context.metrics.throttle.labels("gateway", "allowed").inc()
             _rate_headers(resp, "gateway", runtime.gateway_throttle.policy, decision)
 
         length = req.content_length
@@ -365,6 +381,7 @@ class GatewaySink:
                 req.method, route.url, headers, body, length if length else None
             )
         )
+        req.context.metrics.upstream.observe(time.perf_counter() - started)
         resp.status = status
         resp.set_header("Dais-Lineage-Version", str(route.endpoint.lineage_version))
         resp.data = b""
@@ -402,13 +419,32 @@ class GatewaySink:
             )
 
 
+def _ready_checks(runtime: Runtime) -> dict[str, Callable[[], Any]]:
+    store = getattr(runtime.keys, "store", runtime.keys)
+    candidates: dict[str, Any] = {
+        "key_store": store,
+        "throttle": runtime.upload_throttle.state,
+    }
+    candidates |= {f"storage:{scheme}": s for scheme, s in runtime.storages.items()}
+    checks = {}
+    for name, adapter in candidates.items():
+        ping = getattr(adapter, "ping", None)
+        if callable(ping):
+            checks[name] = ping
+    return checks
+
+
 def create_app(runtime: Runtime) -> falcon.App[falcon.Request, falcon.Response]:
     """Build the WSGI application over a wired runtime."""
-    app = falcon.App(middleware=[AccessLog()])
+    metrics = Metrics(runtime)
+    app = falcon.App(middleware=[AccessLog(metrics)])
     app.req_options.strip_url_path_trailing_slash = False
     app.add_error_handler(Exception, _handle_unexpected)
     app.add_error_handler(falcon.HTTPError, _handle_http_error)
     app.add_error_handler(DaisError, _handle_dais_error)
+    app.add_route("/healthz", Health())
+    app.add_route("/readyz", Readiness(_ready_checks(runtime)))
+    app.add_route("/metrics", MetricsResource(metrics))
     app.add_sink(UploadSink(runtime), r"/integration/v1/resources(?:/|$)")
     app.add_sink(GatewaySink(runtime), r"/project-gateway/webhooks(?:/|$)")
     return app

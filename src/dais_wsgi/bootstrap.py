@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import attrs
 import pluggy
@@ -86,9 +87,17 @@ class Runtime:
         self.records.stop()
 
 
+def _redacted(url: str) -> str:
+    """Return ``url`` without its user information (it may hold a password)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
 def _first(found: Any, what: str, url: str) -> Any:
     if found is None:
-        raise InvalidData(f"no installed plugin serves the {what} {url!r}")
+        raise InvalidData(f"no installed plugin serves the {what} {_redacted(url)!r}")
     return found
 
 
