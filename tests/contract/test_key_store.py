@@ -6,7 +6,6 @@ import concurrent.futures
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,22 +28,6 @@ from dais_core.values import (
     PublishRecord,
     ServiceEndpoint,
 )
-
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A PostgreSQL URL whose tables live in a fresh schema, dropped afterwards."""
-    schema = f"dais_t_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(POSTGRES, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 (database test) is needed: {exc}")
-    with admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
