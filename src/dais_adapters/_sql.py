@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from dais_core.admin import AdminToken, AuditRecord, Role
 from dais_core.errors import NotFound
 from dais_core.values import (
     ApiKey,
@@ -207,28 +208,31 @@ class SqlStore:
 
     def add_key(self, key: ApiKey) -> None:
         """Store a new key (its secret already hashed)."""
-        request = key.request
         with self._change(key.id) as db:
-            self._exec(
-                db,
-                "INSERT INTO keys (id, secret_hash, project, label, requestor, approver,"
-                " app_ids, case_code, lighthouse, business_case, created, expires)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    key.id,
-                    key.secret_hash,
-                    key.project,
-                    key.label,
-                    request.requestor,
-                    request.approver,
-                    json.dumps(request.app_ids),
-                    request.case_code,
-                    int(request.lighthouse),
-                    request.business_case,
-                    key.created,
-                    key.expires,
-                ),
-            )
+            self._insert_key(db, key)
+
+    def _insert_key(self, db: Any, key: ApiKey) -> None:
+        request = key.request
+        self._exec(
+            db,
+            "INSERT INTO keys (id, secret_hash, project, label, requestor, approver,"
+            " app_ids, case_code, lighthouse, business_case, created, expires)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                key.id,
+                key.secret_hash,
+                key.project,
+                key.label,
+                request.requestor,
+                request.approver,
+                json.dumps(request.app_ids),
+                request.case_code,
+                int(request.lighthouse),
+                request.business_case,
+                key.created,
+                key.expires,
+            ),
+        )
 
     def revoke(self, key_id: str, now: float) -> None:
         """Revoke a key from ``now`` on.
@@ -330,6 +334,144 @@ class SqlStore:
             limit,
         )
         return [dict(row) for row in rows]
+
+    def set_expiry(self, key_id: str, expires: float | None) -> None:
+        """Set (or clear) when a key stops working.
+
+        Raises:
+            NotFound: No such key.
+        """
+        with self._change(key_id) as db:
+            if not self._exec(
+                db, "UPDATE keys SET expires = ? WHERE id = ?", (expires, key_id)
+            ):
+                raise NotFound(f"no key {key_id!r}")
+
+    def remove_permission(self, key_id: str, permission: Permission) -> None:
+        """Take a gateway permission away from a key.
+
+        Raises:
+            NotFound: The key has no such permission.
+        """
+        with self._change(key_id) as db:
+            removed = self._exec(
+                db,
+                "DELETE FROM permissions WHERE key_id = ? AND project = ? AND service = ?"
+                " AND prefix = ? AND methods = ?",
+                (
+                    key_id,
+                    permission.project,
+                    permission.service,
+                    permission.prefix,
+                    ",".join(sorted(permission.methods)),
+                ),
+            )
+            if not removed:
+                raise NotFound("the key has no such permission")
+
+    def remove_grant(self, key_id: str, resource: str) -> None:
+        """Take a resource grant away from a key.
+
+        Raises:
+            NotFound: The key has no grant for that resource.
+        """
+        with self._change(key_id) as db:
+            removed = self._exec(
+                db,
+                "DELETE FROM grants WHERE key_id = ? AND resource = ?",
+                (key_id, resource),
+            )
+            if not removed:
+                raise NotFound("the key has no grant for that resource")
+
+    def rotate(self, successor: ApiKey, predecessor_id: str, ends: float) -> None:
+        """Store a successor with its predecessor's permissions and grants.
+
+        The predecessor keeps working until ``ends``.
+
+        Raises:
+            NotFound: No predecessor with that id.
+        """
+        with self._change(predecessor_id) as db:
+            if not self._exec(
+                db,
+                "UPDATE keys SET expires = ? WHERE id = ?",
+                (ends, predecessor_id),
+            ):
+                raise NotFound(f"no key {predecessor_id!r}")
+            self._insert_key(db, successor)
+            self._exec(
+                db,
+                "INSERT INTO permissions (key_id, project, service, prefix, methods)"
+                " SELECT ?, project, service, prefix, methods FROM permissions"
+                " WHERE key_id = ?",
+                (successor.id, predecessor_id),
+            )
+            self._exec(
+                db,
+                "INSERT INTO grants (key_id, resource, locations, data_type)"
+                " SELECT ?, resource, locations, data_type FROM grants WHERE key_id = ?",
+                (successor.id, predecessor_id),
+            )
+
+    def add_admin(self, admin: AdminToken) -> None:
+        """Store a new admin token (its secret already hashed)."""
+        with self._transaction() as db:
+            self._exec(
+                db,
+                "INSERT INTO admins (id, secret_hash, role, project, label, created)"
+                " VALUES (?,?,?,?,?,?)",
+                (
+                    admin.id,
+                    admin.secret_hash,
+                    admin.role.value,
+                    admin.project,
+                    admin.label,
+                    admin.created,
+                ),
+            )
+
+    def load_admin(self, admin_id: str) -> AdminToken | None:
+        """Return the admin token with that id, or ``None``."""
+        rows = self._read("SELECT * FROM admins WHERE id = ?", admin_id)
+        if not rows:
+            return None
+        row = rows[0]
+        return AdminToken(
+            row["id"],
+            row["secret_hash"],
+            Role(row["role"]),
+            row["project"],
+            row["label"],
+            row["created"],
+            row["revoked"],
+        )
+
+    def record_audit(self, record: AuditRecord) -> None:
+        """Keep one admin action."""
+        with self._transaction() as db:
+            self._exec(
+                db,
+                "INSERT INTO audit (at, actor, action, target, detail)"
+                " VALUES (?,?,?,?,?)",
+                (
+                    record.at,
+                    record.actor,
+                    record.action,
+                    record.target,
+                    json.dumps(record.detail, sort_keys=True),
+                ),
+            )
+
+    def audit(self, limit: int = 200) -> list[AuditRecord]:
+        """Return the latest admin actions, newest first."""
+        rows = self._read("SELECT * FROM audit ORDER BY id DESC LIMIT ?", limit)
+        return [
+            AuditRecord(
+                r["at"], r["actor"], r["action"], r["target"], json.loads(r["detail"])
+            )
+            for r in rows
+        ]
 
     def ping(self) -> None:
         """Check the database answers.

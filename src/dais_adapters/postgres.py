@@ -106,6 +106,25 @@ _MIGRATIONS = (
     );
     CREATE INDEX forwards_key ON forwards (key_id, id)
     """,
+    """
+    CREATE TABLE admins (
+        id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        role TEXT NOT NULL,
+        project TEXT,
+        label TEXT NOT NULL DEFAULT '',
+        created DOUBLE PRECISION NOT NULL,
+        revoked DOUBLE PRECISION
+    );
+    CREATE TABLE audit (
+        id BIGSERIAL PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '{}'
+    )
+    """,
 )
 
 

@@ -95,6 +95,25 @@ _MIGRATIONS = (
         at REAL NOT NULL
     );
     """,
+    """
+    CREATE TABLE admins (
+        id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        role TEXT NOT NULL,
+        project TEXT,
+        label TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL,
+        revoked REAL
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    """,
 )
 
 

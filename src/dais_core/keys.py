@@ -23,6 +23,7 @@ import attrs
 from dais_core.errors import Unauthenticated
 
 __all__ = [
+    "ADMIN_PREFIX",
     "TOKEN_PREFIX",
     "NewKey",
     "hash_secret",
@@ -32,10 +33,12 @@ __all__ = [
 ]
 
 TOKEN_PREFIX = "dais"
+#: The prefix of admin tokens, which are never accepted as API keys.
+ADMIN_PREFIX = "daisadm"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _SECRET_LENGTH = 32
 _TOKEN = re.compile(
-    rf"{TOKEN_PREFIX}_(?P<id>[0-9a-f]{{16}})_"
+    r"(?P<prefix>[a-z]+)_(?P<id>[0-9a-f]{16})_"
     rf"(?P<secret>[0-9A-Za-z]{{{_SECRET_LENGTH}}})(?P<check>[0-9A-Za-z]{{6}})"
 )
 
@@ -61,15 +64,20 @@ class NewKey:
     secret_hash: str = attrs.field(repr=False)
 
 
-def new_key(random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> NewKey:
+def new_key(
+    random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    prefix: str = TOKEN_PREFIX,
+) -> NewKey:
     """Make a new key id, secret and token.
 
     Args:
         random_bytes: The source of randomness; the default is the OS's CSPRNG.
+        prefix: :data:`TOKEN_PREFIX` for API keys, :data:`ADMIN_PREFIX` for
+            admin tokens.
     """
     key_id = random_bytes(8).hex()
     secret = "".join(_ALPHABET[b % 62] for b in _unbiased(random_bytes, _SECRET_LENGTH))
-    body = f"{TOKEN_PREFIX}_{key_id}_{secret}"
+    body = f"{prefix}_{key_id}_{secret}"
     return NewKey(key_id, body + _checksum(body), hash_secret(secret))
 
 
@@ -86,7 +94,7 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("ascii")).hexdigest()
 
 
-def parse_token(token: str) -> tuple[str, str]:
+def parse_token(token: str, prefix: str = TOKEN_PREFIX) -> tuple[str, str]:
     """Split a token into its key id and secret, checking its form first.
 
     Raises:
@@ -94,7 +102,7 @@ def parse_token(token: str) -> tuple[str, str]:
             does not match.
     """
     found = _TOKEN.fullmatch(token)
-    if found is None:
+    if found is None or found["prefix"] != prefix:
         raise Unauthenticated("the API key is malformed")
     body = token[: found.start("check")]
     if not hmac.compare_digest(_checksum(body), found["check"]):

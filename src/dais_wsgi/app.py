@@ -38,6 +38,7 @@ from dais_core.ports import ForwardRequest
 from dais_core.rules import resource_id_from_target
 from dais_core.usecases import authenticate, authorise_call, publish
 from dais_core.values import ForwardRecord, PublishRecord
+from dais_wsgi.admin import add_admin_routes
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.metrics import Health, Metrics, MetricsResource, Readiness
 
@@ -442,6 +443,7 @@ def create_app(runtime: Runtime) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_error_handler(Exception, _handle_unexpected)
     app.add_error_handler(falcon.HTTPError, _handle_http_error)
     app.add_error_handler(DaisError, _handle_dais_error)
+    add_admin_routes(app, runtime)
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Readiness(_ready_checks(runtime)))
     app.add_route("/metrics", MetricsResource(metrics))

@@ -78,6 +78,7 @@ class Runtime:
     commit_locks: KeyedLocks
     hooks: Any
     records: BatchRecorder
+    admin: Any = None
     listener: Any = None
 
     def close(self) -> None:
@@ -168,5 +169,6 @@ def bootstrap(
         commit_locks=KeyedLocks(),
         hooks=hook,
         records=records,
+        admin=store,
         listener=listener,
     )

@@ -7,7 +7,6 @@ Environment and flags are read here and nowhere else: they become one
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from dais_core.admin import Role
 from dais_core.errors import DaisError, InvalidData, NotFound
 from dais_core.keys import new_key
 from dais_core.policies import RatePolicy
@@ -32,60 +32,18 @@ from dais_core.rules import (
 from dais_core.usecases import explain
 from dais_core.values import (
     ApiKey,
-    Credential,
     DataType,
     Grant,
     KeyRequest,
     Permission,
     ServiceEndpoint,
 )
+from dais_wsgi.admin import make_admin
 from dais_wsgi.bootstrap import AdminStore, admin_store, bootstrap
+from dais_wsgi.present import credential_json
 from dais_wsgi.settings import DEFAULT_HOME, Settings
 
-__all__ = ["credential_json", "main"]
-
-
-def _iso(when: float | None) -> str | None:
-    if when is None:
-        return None
-    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat()
-
-
-def credential_json(credential: Credential) -> dict[str, Any]:
-    """Return a key as shown to admins: everything but the secret."""
-    key = credential.key
-    return {
-        "id": key.id,
-        "project": key.project,
-        "label": key.label,
-        "requestor": key.request.requestor,
-        "approver": key.request.approver,
-        "app_ids": list(key.request.app_ids),
-        "case_code": key.request.case_code,
-        "lighthouse": key.request.lighthouse,
-        "business_case": key.request.business_case,
-        "created": _iso(key.created),
-        "expires": _iso(key.expires),
-        "revoked": _iso(key.revoked),
-        "last_used": _iso(key.last_used),
-        "permissions": [
-            {
-                "project": p.project,
-                "service": p.service,
-                "prefix": p.prefix,
-                "methods": sorted(p.methods),
-            }
-            for p in credential.permissions
-        ],
-        "grants": [
-            {
-                "resource": g.resource,
-                "locations": list(g.locations),
-                "type": g.data_type.value,
-            }
-            for g in credential.grants
-        ],
-    }
+__all__ = ["main"]
 
 
 def _rate(text: str | None) -> RatePolicy | None:
@@ -217,6 +175,20 @@ def _services_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admins_create(args: argparse.Namespace) -> int:
+    role = Role(args.role)
+    if role is Role.PROJECT and not args.project:
+        raise InvalidData("a project admin needs --project")
+    created = make_admin(_store(args), role, args.project, args.label, time.time())
+    if args.json:
+        print(json.dumps(created))
+    else:
+        print(
+            f"admin id: {created['id']}\ntoken:    {created['token']}\n(shown only now)"
+        )
+    return 0
+
+
 def _explain(args: argparse.Namespace) -> int:
     store = _store(args)
     credential = store.load(args.key_id)
@@ -337,6 +309,16 @@ def _parser() -> argparse.ArgumentParser:
     sadd.add_argument("--service", required=True)
     sadd.add_argument("--url", required=True)
     sadd.set_defaults(run=_services_add)
+
+    admins = groups.add_parser("admins", help="admin tokens").add_subparsers(
+        dest="action", required=True
+    )
+    acreate = admins.add_parser("create", help="create an admin token; shown once")
+    acreate.add_argument("--role", choices=[r.value for r in Role], required=True)
+    acreate.add_argument("--project", help="the project of a project admin")
+    acreate.add_argument("--label", default="")
+    acreate.add_argument("--json", action="store_true")
+    acreate.set_defaults(run=_admins_create)
 
     explainer = groups.add_parser(
         "explain", help="say whether a key may make a gateway call, and why"

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from dais_adapters.cache import BatchRecorder, CachedKeyStore
+from dais_adapters.postgres import _MIGRATIONS as PG_MIGRATIONS
 from dais_adapters.postgres import PostgresStore
 from dais_adapters.sqlite import SqliteStore
 from dais_core.errors import InvalidData, NotFound, Unavailable
@@ -209,7 +210,8 @@ class TestPostgresOnly:
                 pool.map(lambda _: PostgresStore(pg_url, pool_size=1), range(4))
             )
         with psycopg.connect(pg_url) as db:
-            assert db.execute("SELECT count(*) FROM dais_schema").fetchone()[0] == 1
+            versions = db.execute("SELECT version FROM dais_schema ORDER BY version")
+            assert [v for (v,) in versions] == list(range(1, len(PG_MIGRATIONS) + 1))
         for made in stores:
             made.close()
 
@@ -284,3 +286,57 @@ class TestCache:
         for n in range(10):
             cache.load(f"{n:016x}")
         assert len(cache._entries) == 3
+
+
+class TestAdminRecords:
+    """Admin tokens, the audit log, rotation and expiry in every store."""
+
+    def test_admin_tokens_round_trip(self, store):
+        """A stored admin token loads with its role and project."""
+        from dais_core.admin import AdminToken, Role
+
+        admin = AdminToken("00000000000000aa", "hash", Role.PROJECT, "p1", "lead", 5.0)
+        store.add_admin(admin)
+        assert store.load_admin(admin.id) == admin
+        assert store.load_admin("00000000000000bb") is None
+
+    def test_the_audit_log_is_newest_first(self, store):
+        """Actions come back newest first with their detail."""
+        from dais_core.admin import AuditRecord
+
+        store.record_audit(
+            AuditRecord(1.0, "a1", "key.create", "k1", {"project": "p1"})
+        )
+        store.record_audit(AuditRecord(2.0, "a1", "key.revoke", "k1"))
+        assert [(r.action, r.detail) for r in store.audit()] == [
+            ("key.revoke", {}),
+            ("key.create", {"project": "p1"}),
+        ]
+
+    def test_rotation_copies_reach_and_bounds_the_predecessor(self, store):
+        """The successor gets the permissions and grants; the old key an end."""
+        old, _ = a_key()
+        store.add_key(old)
+        store.add_permission(old.id, Permission("p1", "svc", "/api"))
+        store.add_grant(old.id, Grant("x", ("filemanager://p1/x",)))
+        new, _ = a_key()
+        store.rotate(new, old.id, 1234.0)
+        successor = store.load(new.id)
+        assert successor.permissions == store.load(old.id).permissions
+        assert successor.grants == (Grant("x", ("filemanager://p1/x",)),)
+        assert store.load(old.id).key.expires == 1234.0
+
+    def test_expiry_and_removals(self, store):
+        """Expiry is set and cleared; removing what is not there is NotFound."""
+        key, _ = a_key()
+        store.add_key(key)
+        store.set_expiry(key.id, 99.0)
+        assert store.load(key.id).key.expires == 99.0
+        store.set_expiry(key.id, None)
+        assert store.load(key.id).key.expires is None
+        with pytest.raises(NotFound):
+            store.remove_permission(key.id, Permission("p1", "svc", "/"))
+        with pytest.raises(NotFound):
+            store.remove_grant(key.id, "x")
+        with pytest.raises(NotFound):
+            store.set_expiry("ffffffffffffffff", 1.0)

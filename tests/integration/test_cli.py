@@ -207,7 +207,8 @@ class TestServe:
             # its degraded TTL (1 s).
             revoked_at = time.monotonic()
             while http.request("POST", hook, body=b"hi", headers=auth).status != 401:
-                assert time.monotonic() - revoked_at < 1.5, "revocation not enforced"
+                # 1 s of cache, plus slack for a loaded machine.
+                assert time.monotonic() - revoked_at < 2.5, "revocation not enforced"
                 time.sleep(0.05)
             calls_before_refusal = len(upstream.calls)
             assert http.request("POST", hook, body=b"hi", headers=auth).status == 401
@@ -318,3 +319,36 @@ class TestExplain:
             "p1 svc /api/webhook (POST): route not at or under the prefix"
         ]
         assert refused("POST", f"{base}/api/webhook/%2e%2e/x")["status"] == 400
+
+
+class TestAdminsCommand:
+    """``admins create`` prints a token that opens the admin API."""
+
+    def test_platform_and_project_tokens(self, tmp_path):
+        """Both roles print an id and a daisadm_ token; a project needs --project."""
+        home = tmp_path / "home"
+        platform = json.loads(
+            run(home, "admins", "create", "--role", "platform", "--json")
+        )
+        lead = json.loads(
+            run(
+                home,
+                "admins",
+                "create",
+                "--role",
+                "project",
+                "--project",
+                "p1",
+                "--json",
+            )
+        )
+        for made in (platform, lead):
+            assert made["token"].startswith(f"daisadm_{made['id']}_")
+        done = subprocess.run(
+            [COMMAND, "--home", str(home), "admins", "create", "--role", "project"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2
+        assert "--project" in done.stderr

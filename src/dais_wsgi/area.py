@@ -1,0 +1,255 @@
+"""The project admin area: a login form and the page of a project's keys.
+
+Plain server-rendered HTML that reads well without JavaScript; the same
+URL answers JSON to API clients (``Accept: application/json``). Everything
+shown is escaped; the pages forbid scripts, framing and caching.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+from urllib.parse import quote
+
+import falcon
+
+from dais_core.admin import authenticate_admin, require_project
+from dais_core.errors import InvalidData, Unauthenticated
+from dais_wsgi.bootstrap import Runtime
+from dais_wsgi.present import credential_json, iso
+
+__all__ = ["ApiKeysPage", "Login", "Logout", "presented_token"]
+
+COOKIE = "dais_admin"
+_RECENT = 20
+_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+}
+_STYLE = """
+body{font:15px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:72rem;
+padding:0 1rem;color:#1d2430}
+h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
+table{border-collapse:collapse;width:100%;margin:.5rem 0 1rem}
+th,td{border-bottom:1px solid #d8dde6;padding:.35rem .5rem;text-align:left;
+vertical-align:top}th{background:#f3f5f9}
+.revoked{color:#a01c1c;font-weight:600}.active{color:#17692b;font-weight:600}
+code{font-size:.9em}section{border:1px solid #d8dde6;border-radius:6px;
+padding:0 1rem 1rem;margin:1rem 0}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<meta name=viewport content='width=device-width'><title>{_e(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>{body}</body></html>"
+    )
+
+
+def _secure(req: falcon.Request) -> bool:
+    return req.scheme == "https"
+
+
+class Login:
+    """``/app/login``: a form for an admin token, which becomes a cookie."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Show the form."""
+        target = _safe_next(req.get_param("next"))
+        resp.set_headers(_HEADERS)
+        resp.content_type = falcon.MEDIA_HTML
+        resp.text = _page(
+            "Dais admin login",
+            "<h1>Dais admin</h1><form method=post action='/app/login'>"
+            f"<input type=hidden name=next value='{_e(target)}'>"
+            "<p><label for=token>Admin token</label><br>"
+            "<input id=token name=token type=password size=70 autocomplete=off required>"
+            "</p><p><button type=submit>Log in</button></p></form>",
+        )
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Check the token; on success, set the cookie and go on."""
+        form = req.get_media()
+        if not isinstance(form, dict):
+            raise InvalidData("send the login form")
+        token = str(form.get("token", "")).strip()
+        admin = authenticate_admin(self.runtime.admin, token, self.runtime.clock())
+        target = _safe_next(str(form.get("next", "")))
+        if target == "/app/login" and admin.project:
+            target = f"/app/{quote(admin.project)}/admin/apikeys"
+        resp.set_cookie(
+            COOKIE,
+            token,
+            path="/app/",
+            http_only=True,
+            secure=_secure(req),
+            same_site="Strict",
+        )
+        resp.status = 303
+        resp.set_header("Location", target)
+
+
+class Logout:
+    """``/app/logout``: forget the cookie."""
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Drop the session cookie."""
+        resp.unset_cookie(COOKIE, path="/app/")
+        resp.status = 303
+        resp.set_header("Location", "/app/login")
+
+
+def _safe_next(target: str | None) -> str:
+    # Only paths of this area: never another host, never a scheme.
+    if (
+        target
+        and target.startswith("/app/")
+        and "//" not in target
+        and "\\" not in target
+    ):
+        return target
+    return "/app/login"
+
+
+class ApiKeysPage:
+    """``/app/{project}/admin/apikeys``: a project's keys, for its admins."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.store = runtime.admin
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, project: str) -> None:
+        """List the project's keys with their recent use; JSON or HTML."""
+        wants_json = (
+            req.client_prefers(["application/json", "text/html"]) == "application/json"
+        )
+        token = presented_token(req)
+        try:
+            admin = authenticate_admin(self.store, token, self.runtime.clock())
+        except Unauthenticated:
+            if wants_json:
+                raise
+            resp.status = 303
+            resp.set_header("Location", "/app/login?next=" + quote(req.path))
+            return
+        require_project(admin, project)
+        keys = [self._item(c) for c in self.store.list_keys(project)]
+        if wants_json:
+            resp.media = {"project": project, "keys": keys}
+            return
+        resp.set_headers(_HEADERS)
+        resp.content_type = falcon.MEDIA_HTML
+        resp.text = _page(f"API keys of {project}", _render(project, keys))
+
+    def _item(self, credential: Any) -> dict[str, Any]:
+        key_id = credential.key.id
+        publishes = self.store.publishes(key_id, _RECENT)
+        forwards = self.store.forwards(key_id, _RECENT)
+        for record in (*publishes, *forwards):
+            record["at"] = iso(record["at"])
+            record.pop("id", None)
+        return credential_json(credential) | {
+            "publishes": publishes,
+            "forwards": forwards,
+        }
+
+
+def presented_token(req: falcon.Request) -> str | None:
+    header = req.get_header("Authorization")
+    if header:
+        scheme, _, token = header.partition(" ")
+        return token if scheme.lower() == "bearer" else None
+    values = req.get_cookie_values(COOKIE)
+    return values[0] if values else None
+
+
+def _render(project: str, keys: list[dict[str, Any]]) -> str:
+    parts = [
+        f"<h1>API keys of <code>{_e(project)}</code></h1>",
+        f"<p>{len(keys)} key(s). Secrets are never shown.</p>",
+        "<form method=post action='/app/logout'><button>Log out</button></form>",
+    ]
+    parts += [_render_key(key) for key in keys]
+    return "".join(parts)
+
+
+def _render_key(key: dict[str, Any]) -> str:
+    state = "revoked" if key["revoked"] else "active"
+    rows = [
+        ("Label", key["label"]),
+        ("Requestor", key["requestor"]),
+        ("Approver", key["approver"]),
+        ("App ids", ", ".join(key["app_ids"])),
+        ("Case code", key["case_code"]),
+        ("Lighthouse case", "yes" if key["lighthouse"] else "no"),
+        ("Business case", key["business_case"]),
+        ("Created", key["created"]),
+        ("Expires", key["expires"] or "never"),
+        ("Last used", key["last_used"] or "never"),
+        ("Revoked", key["revoked"] or "no"),
+    ]
+    facts = "".join(
+        f"<tr><th scope=row>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows
+    )
+    permissions = _table(
+        ["Project", "Service", "Route prefix", "Methods"],
+        [
+            [p["project"], p["service"], p["prefix"], ", ".join(p["methods"]) or "any"]
+            for p in key["permissions"]
+        ],
+    )
+    grants = _table(
+        ["Resource", "Locations", "Type"],
+        [[g["resource"], ", ".join(g["locations"]), g["type"]] for g in key["grants"]],
+    )
+    publishes = _table(
+        ["At", "Resource", "Size", "Outcome", "Request id"],
+        [
+            [r["at"], r["resource"], r["size"], r["outcome"], r["request_id"]]
+            for r in key["publishes"]
+        ],
+    )
+    forwards = _table(
+        ["At", "Method", "Service", "Route", "Status", "Request id"],
+        [
+            [
+                r["at"],
+                r["method"],
+                r["service"],
+                r["route"],
+                r["status"],
+                r["request_id"],
+            ]
+            for r in key["forwards"]
+        ],
+    )
+    return (
+        f"<section class=key id='key-{_e(key['id'])}'><h2><code>{_e(key['id'])}</code> "
+        f"<span class={state}>{state}</span></h2><table>{facts}</table>"
+        f"<h3>Gateway permissions</h3>{permissions}<h3>Resource grants</h3>{grants}"
+        f"<h3>Recent uploads</h3>{publishes}<h3>Recent webhook calls</h3>{forwards}"
+        "</section>"
+    )
+
+
+def _table(headings: list[str], rows: list[list[Any]]) -> str:
+    if not rows:
+        return "<p>None.</p>"
+    head = "".join(f"<th>{_e(h)}</th>" for h in headings)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in row) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

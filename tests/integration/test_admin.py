@@ -1,0 +1,345 @@
+"""The admin API and the project admin area, over a real server."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import urllib3
+
+from dais_core.admin import Role
+from dais_wsgi.admin import make_admin
+from tests.integration.conftest import Gateway
+
+pytestmark = pytest.mark.integration
+
+
+class Admin:
+    """A client holding one admin token."""
+
+    def __init__(self, gateway: Gateway, token: str) -> None:
+        self.gateway = gateway
+        self.token = token
+        self.http = urllib3.PoolManager(retries=False)
+
+    def call(self, method: str, path: str, body: Any = None, **headers: str) -> Any:
+        payload = None if body is None else json.dumps(body).encode()
+        return self.http.request(
+            method,
+            self.gateway.url + path,
+            body=payload,
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                **headers,
+            },
+        )
+
+
+@pytest.fixture
+def platform(gateway: Gateway) -> Admin:
+    made = make_admin(gateway.store, Role.PLATFORM, None, "ops", time.time())
+    return Admin(gateway, made["token"])
+
+
+def project_admin(gateway: Gateway, project: str) -> Admin:
+    made = make_admin(gateway.store, Role.PROJECT, project, "lead", time.time())
+    return Admin(gateway, made["token"])
+
+
+def create_key(platform: Admin, project: str = "p1", **extra: Any) -> dict[str, Any]:
+    response = platform.call(
+        "POST",
+        "/admin/v1/keys",
+        {
+            "project": project,
+            "label": "nightly",
+            "requestor": "alice@example.org",
+            "approver": "bob@example.org",
+            "app_ids": ["app-1"],
+            "case_code": "C-9",
+            "lighthouse": True,
+            "business_case": "exports",
+            **extra,
+        },
+    )
+    assert response.status == 201, response.data
+    return dict(response.json())
+
+
+def upload(gateway: Gateway, token: str, resource: str = "x") -> int:
+    http = urllib3.PoolManager(retries=False)
+    return int(
+        http.request(
+            "POST",
+            f"{gateway.url}/integration/v1/resources/{resource}",
+            fields={"data": ("f", b"content", "application/octet-stream")},
+            headers={"Authorization": f"Bearer {token}"},
+        ).status
+    )
+
+
+class TestKeyLifecycle:
+    """Platform admins create, show, grant, rotate, expire and revoke keys."""
+
+    def test_create_shows_the_secret_once(self, platform):
+        """The 201 has the key; show and list never do."""
+        created = create_key(platform)
+        shown = platform.call("GET", f"/admin/v1/keys/{created['id']}")
+        listed = platform.call("GET", "/admin/v1/keys?project=p1")
+        for response in (shown, listed):
+            assert response.status == 200
+            assert created["key"] not in response.data.decode()
+        body = shown.json()
+        assert (body["requestor"], body["approver"], body["app_ids"]) == (
+            "alice@example.org",
+            "bob@example.org",
+            ["app-1"],
+        )
+        assert (body["case_code"], body["lighthouse"], body["business_case"]) == (
+            "C-9",
+            True,
+            "exports",
+        )
+
+    def test_grants_permissions_and_revocation_take_effect(self, platform, gateway):
+        """A granted key publishes; once revoked it is refused at once."""
+        created = create_key(platform)
+        key_id, token = created["id"], created["key"]
+        granted = platform.call(
+            "POST",
+            f"/admin/v1/keys/{key_id}/grants",
+            {"resource": "x", "locations": ["filemanager://p1/x"]},
+        )
+        assert granted.status == 200
+        assert upload(gateway, token) == 200
+        assert platform.call("POST", f"/admin/v1/keys/{key_id}/revoke").status == 200
+        assert upload(gateway, token) == 401
+
+    def test_rotation_keeps_the_reach_and_ends_the_predecessor(self, platform, gateway):
+        """The successor has the same grants; the old key stops after the overlap."""
+        created = create_key(platform)
+        key_id = created["id"]
+        platform.call(
+            "POST",
+            f"/admin/v1/keys/{key_id}/grants",
+            {"resource": "x", "locations": ["filemanager://p1/x"]},
+        )
+        rotated = platform.call(
+            "POST", f"/admin/v1/keys/{key_id}/rotate", {"overlap_seconds": 0}
+        )
+        assert rotated.status == 201
+        successor = rotated.json()
+        assert upload(gateway, successor["key"]) == 200
+        assert upload(gateway, created["key"]) == 401
+        shown = platform.call("GET", f"/admin/v1/keys/{successor['id']}").json()
+        assert shown["grants"] == [
+            {"resource": "x", "locations": ["filemanager://p1/x"], "type": "binary"}
+        ]
+
+    def test_expiry_and_removal(self, platform, gateway):
+        """A past expiry refuses the key; removed grants and permissions are gone."""
+        created = create_key(platform)
+        key_id = created["id"]
+        base = f"/admin/v1/keys/{key_id}"
+        permission = {
+            "project": "p1",
+            "service": "svc",
+            "prefix": "/api",
+            "methods": ["post"],
+        }
+        assert platform.call("POST", f"{base}/permissions", permission).status == 200
+        assert platform.call("DELETE", f"{base}/permissions", permission).status == 200
+        platform.call(
+            "POST",
+            f"{base}/grants",
+            {"resource": "x", "locations": ["filemanager://p1/x"]},
+        )
+        assert platform.call("DELETE", f"{base}/grants?resource=x").status == 200
+        assert platform.call("DELETE", f"{base}/grants?resource=x").status == 404
+        shown = platform.call("GET", base).json()
+        assert (shown["permissions"], shown["grants"]) == ([], [])
+        expired = platform.call(
+            "POST", f"{base}/expiry", {"expires": "2020-01-01T00:00:00Z"}
+        )
+        assert expired.json()["expires"] == "2020-01-01T00:00:00+00:00"
+
+    def test_services_and_explain(self, platform):
+        """A registered service is explained for a key that may call it."""
+        created = create_key(platform)
+        platform.call(
+            "POST",
+            f"/admin/v1/keys/{created['id']}/permissions",
+            {"project": "p1", "service": "svc", "prefix": "/api/webhook"},
+        )
+        registered = platform.call(
+            "POST",
+            "/admin/v1/services",
+            {
+                "project": "p1",
+                "lineage_version": 2,
+                "service": "svc",
+                "url": "http://127.0.0.1:9",
+            },
+        )
+        assert registered.status == 201
+        explained = platform.call(
+            "POST",
+            "/admin/v1/explain",
+            {
+                "key_id": created["id"],
+                "method": "POST",
+                "url": "/project-gateway/webhooks/p1/lineage-version/latest/svc/api/webhook/a",
+            },
+        ).json()
+        assert explained["allowed"] is True
+        assert explained["upstream"] == "http://127.0.0.1:9/api/webhook/a"
+
+    def test_every_action_is_audited(self, platform):
+        """The audit log names the actor, the action and the target."""
+        created = create_key(platform)
+        platform.call("POST", f"/admin/v1/keys/{created['id']}/revoke")
+        actions = platform.call("GET", "/admin/v1/audit").json()["actions"]
+        assert [(a["action"], a["target"]) for a in actions[:2]] == [
+            ("key.revoke", created["id"]),
+            ("key.create", created["id"]),
+        ]
+        assert actions[0]["actor"] != ""
+
+
+class TestRefusals:
+    """Bad bodies are 400; wrong or missing tokens 401; wrong roles 403."""
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            {"label": "no project"},
+            {"project": "p1", "colour": "red"},
+            {"project": 7},
+            [],
+        ],
+    )
+    def test_bad_bodies_are_400(self, platform, body):
+        """Missing, unknown or mistyped fields are refused."""
+        response = platform.call("POST", "/admin/v1/keys", body)
+        assert response.status == 400
+        assert response.json()["error"] == "invalid_data"
+
+    def test_no_token_or_an_api_key_is_401(self, gateway, platform):
+        """Only admin tokens open the admin API."""
+        created = create_key(platform)
+        assert Admin(gateway, "").call("GET", "/admin/v1/keys").status == 401
+        assert (
+            Admin(gateway, created["key"]).call("GET", "/admin/v1/keys").status == 401
+        )
+
+    def test_a_project_admin_cannot_use_the_platform_api(self, gateway):
+        """Project admins get 403 from /admin/v1."""
+        lead = project_admin(gateway, "p1")
+        assert lead.call("GET", "/admin/v1/keys").status == 403
+        assert lead.call("POST", "/admin/v1/keys", {"project": "p1"}).status == 403
+
+    def test_platform_admins_make_project_admins(self, platform, gateway):
+        """POST /admin/v1/admins returns a working project-admin token."""
+        made = platform.call("POST", "/admin/v1/admins", {"project": "p1"})
+        assert made.status == 201
+        lead = Admin(gateway, made.json()["token"])
+        assert lead.call("GET", "/app/p1/admin/apikeys").status == 200
+
+
+class TestProjectArea:
+    """Project admins see their own project's keys, never another's."""
+
+    def test_json_lists_the_projects_keys_and_their_records(self, platform, gateway):
+        """Keys of p1 with their grants and recent uploads; no secrets."""
+        mine = create_key(platform, "p1")
+        theirs = create_key(platform, "p2")
+        platform.call(
+            "POST",
+            f"/admin/v1/keys/{mine['id']}/grants",
+            {"resource": "x", "locations": ["filemanager://p1/x"]},
+        )
+        assert upload(gateway, mine["key"]) == 200
+        gateway.flush()
+        lead = project_admin(gateway, "p1")
+        response = lead.call("GET", "/app/p1/admin/apikeys")
+        assert response.status == 200
+        text = response.data.decode()
+        assert mine["key"] not in text and theirs["id"] not in text
+        (key,) = response.json()["keys"]
+        assert key["id"] == mine["id"]
+        assert [p["outcome"] for p in key["publishes"]] == ["published"]
+
+    def test_another_projects_admin_gets_403_and_learns_nothing(
+        self, platform, gateway
+    ):
+        """The refusal is the same for a project with keys and one without."""
+        create_key(platform, "p2")
+        lead = project_admin(gateway, "p1")
+        with_keys = lead.call("GET", "/app/p2/admin/apikeys")
+        without = lead.call("GET", "/app/nosuch/admin/apikeys")
+        assert with_keys.status == without.status == 403
+        assert with_keys.json()["message"] == without.json()["message"]
+
+    def test_the_html_page_escapes_what_it_shows(self, platform, gateway):
+        """A label with markup is shown as text."""
+        create_key(platform, "p1", label="<script>alert(1)</script>")
+        lead = project_admin(gateway, "p1")
+        page = lead.call("GET", "/app/p1/admin/apikeys", Accept="text/html")
+        assert page.status == 200
+        text = page.data.decode()
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+        assert "<script>" not in text
+        assert "script-src" not in page.headers["Content-Security-Policy"]
+        assert page.headers["X-Frame-Options"] == "DENY"
+
+    def test_login_sets_a_strict_http_only_cookie(self, gateway):
+        """The form login gives a cookie that opens the page; logout drops it."""
+        lead = project_admin(gateway, "p1")
+        http = urllib3.PoolManager(retries=False)
+        login = http.request(
+            "POST",
+            f"{gateway.url}/app/login",
+            fields={"token": lead.token, "next": "/app/p1/admin/apikeys"},
+            encode_multipart=False,
+            redirect=False,
+        )
+        assert login.status == 303
+        assert login.headers["Location"] == "/app/p1/admin/apikeys"
+        cookie = login.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        page = http.request(
+            "GET",
+            f"{gateway.url}/app/p1/admin/apikeys",
+            headers={"Cookie": cookie.split(";")[0], "Accept": "text/html"},
+        )
+        assert page.status == 200
+        assert "API keys of" in page.data.decode()
+
+    def test_a_browser_without_a_session_is_sent_to_login(self, gateway):
+        """No cookie: a redirect to the login form, not an error page."""
+        http = urllib3.PoolManager(retries=False)
+        page = http.request(
+            "GET",
+            f"{gateway.url}/app/p1/admin/apikeys",
+            headers={"Accept": "text/html"},
+            redirect=False,
+        )
+        assert page.status == 303
+        assert page.headers["Location"].startswith("/app/login?next=")
+
+    def test_login_never_redirects_elsewhere(self, gateway):
+        """A next parameter pointing off the area is ignored."""
+        lead = project_admin(gateway, "p1")
+        http = urllib3.PoolManager(retries=False)
+        login = http.request(
+            "POST",
+            f"{gateway.url}/app/login",
+            fields={"token": lead.token, "next": "//elsewhere.example/app/"},
+            encode_multipart=False,
+            redirect=False,
+        )
+        assert login.headers["Location"] == "/app/p1/admin/apikeys"
