@@ -43,7 +43,6 @@ from dais_core.rules import Location
 from dais_core.usecases import publish
 from dais_core.values import Grant
 from tests import strategies
-from tests.moto_server import MotoServer, MotoServerError, aws_environment
 
 MiB = 1024 * 1024
 #: The smallest part S3 allows: a few megabytes make several parts.
@@ -59,39 +58,6 @@ def _random_bytes(size: int, seed: int = 7) -> bytes:
 def _chunks(data: bytes, size: int = MiB + 7) -> Iterator[bytes]:
     for start in range(0, len(data), size):
         yield data[start : start + size]
-
-
-@pytest.fixture(scope="session")
-def moto() -> Iterator[str]:
-    """A moto S3 server on loopback, with the AWS variables pointing at it.
-
-    A server that cannot start fails the tests that need it.
-    """
-    try:
-        server = MotoServer.start()
-    except MotoServerError as exc:
-        pytest.fail(f"the moto S3 server could not start: {exc}")
-    with server, pytest.MonkeyPatch.context() as patch:
-        for name, value in aws_environment(server.endpoint).items():
-            if value is None:
-                patch.delenv(name, raising=False)
-            else:
-                patch.setenv(name, value)
-        yield server.endpoint
-
-
-@pytest.fixture(scope="session")
-def s3(moto: str) -> Any:
-    """A boto3 client of the moto server, for setting up and looking."""
-    return boto3.session.Session().client("s3")
-
-
-@pytest.fixture
-def bucket(s3: Any) -> str:
-    """A fresh, empty bucket."""
-    name = f"dais-{uuid.uuid4().hex[:12]}"
-    s3.create_bucket(Bucket=name)
-    return name
 
 
 class LocalHarness:
