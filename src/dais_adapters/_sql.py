@@ -126,6 +126,9 @@ class SqlStore:
     def _changed(self, db: Any, key_id: str) -> None:
         """Say that a key changed; the default says nothing."""
 
+    def _services_changed(self, db: Any, project: str) -> None:
+        """Say that a project's services changed; the default says nothing."""
+
     @contextlib.contextmanager
     def _change(self, key_id: str) -> Iterator[Any]:
         with self._transaction() as db:
@@ -316,6 +319,7 @@ class SqlStore:
                     endpoint.base_url,
                 ),
             )
+            self._services_changed(db, endpoint.project)
 
     def publishes(self, key_id: str, limit: int = 100) -> list[dict[str, Any]]:
         """Return the latest publish records of a key, newest first."""

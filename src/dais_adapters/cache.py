@@ -23,12 +23,22 @@ from typing import Protocol
 import attrs
 
 from dais_core.errors import DaisError
-from dais_core.ports import KeyStore
-from dais_core.values import Credential, ForwardRecord, PublishRecord
+from dais_core.ports import KeyStore, ServiceRegistry
+from dais_core.values import Credential, ForwardRecord, PublishRecord, ServiceEndpoint
 
-__all__ = ["BatchRecorder", "CacheStats", "CachedKeyStore"]
+__all__ = [
+    "SERVICES_PREFIX",
+    "BatchRecorder",
+    "CacheStats",
+    "CachedKeyStore",
+    "CachedRegistry",
+]
 
 log = logging.getLogger(__name__)
+
+#: Change notifications carry a key id, or this prefix and a project whose
+#: services changed.
+SERVICES_PREFIX = "services:"
 
 
 class Recorder(Protocol):
@@ -102,7 +112,7 @@ class CachedKeyStore:
         return found
 
     def invalidate(self, key_id: str) -> None:
-        """Forget one key (it changed somewhere)."""
+        """Forget one key (it changed somewhere); the store is told ids only."""
         with self._lock:
             self._entries.pop(key_id, None)
             self.stats.invalidations += 1
@@ -124,6 +134,57 @@ class CachedKeyStore:
     def record_forward(self, record: ForwardRecord) -> None:
         """Pass a forward record on."""
         self.recorder.record_forward(record)
+
+
+class CachedRegistry:
+    """A ``ServiceRegistry`` that remembers each project's endpoints, briefly.
+
+    Args:
+        registry: The registry to read through to.
+        ttl: Seconds an entry lives while change notifications flow.
+        degraded_ttl: Seconds an entry lives while they may be missed.
+        clock: A monotonic clock.
+    """
+
+    def __init__(
+        self,
+        registry: ServiceRegistry,
+        *,
+        ttl: float = 1.0,
+        degraded_ttl: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.ttl = ttl
+        self.degraded_ttl = degraded_ttl
+        self.notified = False
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[float, Sequence[ServiceEndpoint]]] = {}
+
+    def endpoints(self, project: str) -> Sequence[ServiceEndpoint]:
+        """Return every endpoint of a project, from memory when fresh."""
+        now = self.clock()
+        with self._lock:
+            entry = self._entries.get(project)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        found = tuple(self.registry.endpoints(project))
+        ttl = self.ttl if self.notified else self.degraded_ttl
+        with self._lock:
+            self._entries[project] = (now + ttl, found)
+        return found
+
+    def invalidate(self, project: str) -> None:
+        """Forget one project's endpoints."""
+        with self._lock:
+            self._entries.pop(project, None)
+
+    def notifications(self, flowing: bool) -> None:
+        """Say whether change notifications reach this cache."""
+        self.notified = flowing
+        with self._lock:
+            self._entries.clear()
 
 
 class BatchWriter(Protocol):

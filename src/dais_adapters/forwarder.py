@@ -20,6 +20,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import (
     TimeoutError as Urllib3Timeout,
 )
+from urllib3.util import parse_url
 
 from dais_adapters.hooks import ForwarderOptions, hookimpl
 from dais_core.errors import UpstreamTimeout, UpstreamUnreachable
@@ -95,10 +96,14 @@ class Urllib3Forwarder:
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         with _translated():
-            response = self.pool.urlopen(
+            # Straight to the host's pool: the manager's own urlopen would
+            # parse the URL again and handle redirects we never follow.
+            url = parse_url(request.url)
+            pool = self.pool.connection_from_host(url.host, url.port, url.scheme)
+            response = pool.urlopen(
                 request.method,
-                request.url,
-                body=request.body,
+                url.request_uri,
+                body=request.body,  # type: ignore[arg-type]  # any .read() will do
                 headers=headers,
                 chunked=chunked,
                 redirect=False,

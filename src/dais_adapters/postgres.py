@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from dais_adapters._sql import Row, SqlStore
+from dais_adapters.cache import SERVICES_PREFIX
 from dais_adapters.hooks import hookimpl
 from dais_core.errors import InvalidData, Unavailable
 
@@ -29,7 +30,8 @@ __all__ = ["CHANNEL", "KeyChangeListener", "PostgresStore"]
 
 log = logging.getLogger(__name__)
 
-#: The NOTIFY channel that carries the ids of changed keys.
+#: The NOTIFY channel that carries the ids of changed keys, and the projects
+#: whose services changed (prefixed with ``SERVICES_PREFIX``).
 CHANNEL = "dais_keys"
 # An arbitrary constant naming the advisory lock held while migrating.
 _MIGRATION_LOCK = 0x6461_6973
@@ -197,6 +199,9 @@ class PostgresStore(SqlStore):
 
     def _changed(self, db: Any, key_id: str) -> None:
         db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, key_id))
+
+    def _services_changed(self, db: Any, project: str) -> None:
+        db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, SERVICES_PREFIX + project))
 
     def _migrate(self) -> None:
         with self._transaction() as db:

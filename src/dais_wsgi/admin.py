@@ -397,6 +397,9 @@ class Services(_AdminResource):
             body.url.rstrip("/"),
         )
         self.store.add_service(endpoint)
+        invalidate = getattr(self.runtime.registry, "invalidate", None)
+        if invalidate is not None:
+            invalidate(endpoint.project)
         self.audit(admin, "service.add", f"{endpoint.project}/{endpoint.service}")
         resp.status = 201
         resp.media = attrs.asdict(endpoint)

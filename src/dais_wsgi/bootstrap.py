@@ -10,7 +10,12 @@ from urllib.parse import urlsplit
 import attrs
 import pluggy
 
-from dais_adapters.cache import BatchRecorder, CachedKeyStore
+from dais_adapters.cache import (
+    SERVICES_PREFIX,
+    BatchRecorder,
+    CachedKeyStore,
+    CachedRegistry,
+)
 from dais_adapters.hooks import ForwarderOptions, StorageContext, plugin_manager
 from dais_core.errors import InvalidData
 from dais_core.policies import ConcurrencyCap, KeyedLocks, Throttler
@@ -88,6 +93,25 @@ class Runtime:
         self.records.stop()
 
 
+class _Changes:
+    """Route change notifications to the key cache or the registry cache."""
+
+    def __init__(self, keys: CachedKeyStore, registry: CachedRegistry) -> None:
+        self.keys = keys
+        self.registry = registry
+
+    def changed(self, payload: str) -> None:
+        project = payload.removeprefix(SERVICES_PREFIX)
+        if project != payload:
+            self.registry.invalidate(project)
+        else:
+            self.keys.invalidate(payload)
+
+    def notifications(self, flowing: bool) -> None:
+        self.keys.notifications(flowing)
+        self.registry.notifications(flowing)
+
+
 def _redacted(url: str) -> str:
     """Return ``url`` without its user information (it may hold a password)."""
     parts = urlsplit(url)
@@ -147,18 +171,24 @@ def bootstrap(
         ttl=settings.key_cache_ttl,
         degraded_ttl=settings.key_cache_degraded_ttl,
     )
+    registry = CachedRegistry(
+        _first(
+            hook.dais_service_registry(url=store_url), "service registry", store_url
+        ),
+        ttl=settings.key_cache_ttl,
+        degraded_ttl=settings.key_cache_degraded_ttl,
+    )
     listener = None
     if callable(getattr(store, "listener", None)):
-        listener = store.listener(keys.invalidate, keys.notifications).start()
+        changes = _Changes(keys, registry)
+        listener = store.listener(changes.changed, changes.notifications).start()
     gateway_throttle = None
     if settings.gateway_rate is not None:
         gateway_throttle = Throttler(throttle, clock, settings.gateway_rate, "gateway")
     return Runtime(
         settings=settings,
         keys=keys,
-        registry=_first(
-            hook.dais_service_registry(url=store_url), "service registry", store_url
-        ),
+        registry=registry,
         storages=storages,
         forwarder=_first(hook.dais_forwarder(options=options), "forwarder", "http"),
         clock=clock,

@@ -340,3 +340,51 @@ class TestAdminRecords:
             store.remove_grant(key.id, "x")
         with pytest.raises(NotFound):
             store.set_expiry("ffffffffffffffff", 1.0)
+
+
+class TestRegistryCache:
+    """Service lookups are cached per project and invalidated on change."""
+
+    def test_a_registration_elsewhere_reaches_the_cache_at_once(self, pg_url):
+        """With notifications flowing, a new service is seen without waiting."""
+        from dais_adapters.cache import SERVICES_PREFIX, CachedRegistry
+
+        writer = PostgresStore(pg_url, pool_size=2)
+        reader = PostgresStore(pg_url, pool_size=2)
+        cache = CachedRegistry(reader, ttl=60.0, degraded_ttl=60.0)
+        flowing = threading.Event()
+
+        def on_state(up: bool) -> None:
+            cache.notifications(up)
+            if up:
+                flowing.set()
+
+        def on_change(payload: str) -> None:
+            if payload.startswith(SERVICES_PREFIX):
+                cache.invalidate(payload.removeprefix(SERVICES_PREFIX))
+
+        listener = reader.listener(on_change, on_state).start()
+        try:
+            assert flowing.wait(5), "the listener never connected"
+            assert cache.endpoints("p1") == ()
+            writer.add_service(ServiceEndpoint("p1", 1, "svc", "http://127.0.0.1:1"))
+            deadline = time.monotonic() + 1.0
+            while not cache.endpoints("p1"):
+                assert time.monotonic() < deadline, "registration not seen within 1 s"
+                time.sleep(0.01)
+        finally:
+            listener.stop()
+            writer.close()
+            reader.close()
+
+    def test_entries_live_for_the_ttl(self, store):
+        """Within the TTL the cache answers; after it, the store does."""
+        from dais_adapters.cache import CachedRegistry
+
+        now = [0.0]
+        cache = CachedRegistry(store, ttl=5, degraded_ttl=1, clock=lambda: now[0])
+        assert cache.endpoints("p1") == ()
+        store.add_service(ServiceEndpoint("p1", 1, "svc", "http://127.0.0.1:1"))
+        assert cache.endpoints("p1") == ()
+        now[0] = 1.5
+        assert len(cache.endpoints("p1")) == 1
