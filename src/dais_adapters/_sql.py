@@ -26,7 +26,7 @@ from dais_core.values import (
     ServiceEndpoint,
 )
 
-__all__ = ["SqlStore"]
+__all__ = ["SqlStore", "migrations"]
 
 Row = Mapping[str, Any]
 
@@ -98,6 +98,107 @@ _TOUCH = (
     "UPDATE keys SET last_used = ? WHERE id = ?"
     " AND (last_used IS NULL OR last_used < ?)"
 )
+
+
+# The schema, one script per version, in SQL both databases read; the few
+# types that differ are named in braces and filled in by each store.
+_SCHEMA = (
+    """
+    CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        project TEXT NOT NULL,
+        label TEXT NOT NULL DEFAULT '',
+        requestor TEXT NOT NULL DEFAULT '',
+        approver TEXT NOT NULL DEFAULT '',
+        app_ids TEXT NOT NULL DEFAULT '[]',
+        case_code TEXT NOT NULL DEFAULT '',
+        lighthouse INTEGER NOT NULL DEFAULT 0,
+        business_case TEXT NOT NULL DEFAULT '',
+        created {real} NOT NULL,
+        expires {real},
+        revoked {real},
+        last_used {real}
+    );
+    CREATE INDEX keys_project ON keys (project);
+    CREATE TABLE permissions (
+        id {serial},
+        key_id TEXT NOT NULL REFERENCES keys (id),
+        project TEXT NOT NULL,
+        service TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        methods TEXT NOT NULL DEFAULT '',
+        UNIQUE (key_id, project, service, prefix, methods)
+    );
+    CREATE TABLE grants (
+        id {serial},
+        key_id TEXT NOT NULL REFERENCES keys (id),
+        resource TEXT NOT NULL,
+        locations TEXT NOT NULL,
+        data_type TEXT NOT NULL,
+        UNIQUE (key_id, resource)
+    );
+    CREATE TABLE services (
+        project TEXT NOT NULL,
+        lineage_version INTEGER NOT NULL,
+        service TEXT NOT NULL,
+        base_url TEXT NOT NULL,
+        PRIMARY KEY (project, lineage_version, service)
+    );
+    CREATE TABLE publishes (
+        id {serial},
+        key_id TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        size {bigint} NOT NULL,
+        sha256 TEXT NOT NULL,
+        locations TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        duration {real} NOT NULL,
+        request_id TEXT NOT NULL,
+        at {real} NOT NULL
+    );
+    CREATE INDEX publishes_key ON publishes (key_id, id);
+    CREATE TABLE forwards (
+        id {serial},
+        key_id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        service TEXT NOT NULL,
+        lineage_version INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        route TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        latency {real} NOT NULL,
+        bytes_in {bigint} NOT NULL,
+        request_id TEXT NOT NULL,
+        at {real} NOT NULL
+    );
+    CREATE INDEX forwards_key ON forwards (key_id, id)
+    """,
+    """
+    CREATE TABLE admins (
+        id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        role TEXT NOT NULL,
+        project TEXT,
+        label TEXT NOT NULL DEFAULT '',
+        created {real} NOT NULL,
+        revoked {real}
+    );
+    CREATE TABLE audit (
+        id {serial},
+        at {real} NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '{{}}'
+    )
+    """,
+)
+
+
+def migrations(types: Mapping[str, str]) -> tuple[str, ...]:
+    """Return the schema scripts with a database's own type names."""
+    return tuple(script.format_map(types) for script in _SCHEMA)
 
 
 class SqlStore:

@@ -21,7 +21,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from dais_adapters._sql import Row, SqlStore
+from dais_adapters._sql import Row, SqlStore, migrations
 from dais_adapters.cache import SERVICES_PREFIX
 from dais_adapters.hooks import hookimpl
 from dais_core.errors import InvalidData, Unavailable
@@ -36,97 +36,8 @@ CHANNEL = "dais_keys"
 # An arbitrary constant naming the advisory lock held while migrating.
 _MIGRATION_LOCK = 0x6461_6973
 
-_MIGRATIONS = (
-    """
-    CREATE TABLE keys (
-        id TEXT PRIMARY KEY,
-        secret_hash TEXT NOT NULL,
-        project TEXT NOT NULL,
-        label TEXT NOT NULL DEFAULT '',
-        requestor TEXT NOT NULL DEFAULT '',
-        approver TEXT NOT NULL DEFAULT '',
-        app_ids TEXT NOT NULL DEFAULT '[]',
-        case_code TEXT NOT NULL DEFAULT '',
-        lighthouse INTEGER NOT NULL DEFAULT 0,
-        business_case TEXT NOT NULL DEFAULT '',
-        created DOUBLE PRECISION NOT NULL,
-        expires DOUBLE PRECISION,
-        revoked DOUBLE PRECISION,
-        last_used DOUBLE PRECISION
-    );
-    CREATE INDEX keys_project ON keys (project);
-    CREATE TABLE permissions (
-        id BIGSERIAL PRIMARY KEY,
-        key_id TEXT NOT NULL REFERENCES keys (id),
-        project TEXT NOT NULL,
-        service TEXT NOT NULL,
-        prefix TEXT NOT NULL,
-        methods TEXT NOT NULL DEFAULT '',
-        UNIQUE (key_id, project, service, prefix, methods)
-    );
-    CREATE TABLE grants (
-        id BIGSERIAL PRIMARY KEY,
-        key_id TEXT NOT NULL REFERENCES keys (id),
-        resource TEXT NOT NULL,
-        locations TEXT NOT NULL,
-        data_type TEXT NOT NULL,
-        UNIQUE (key_id, resource)
-    );
-    CREATE TABLE services (
-        project TEXT NOT NULL,
-        lineage_version INTEGER NOT NULL,
-        service TEXT NOT NULL,
-        base_url TEXT NOT NULL,
-        PRIMARY KEY (project, lineage_version, service)
-    );
-    CREATE TABLE publishes (
-        id BIGSERIAL PRIMARY KEY,
-        key_id TEXT NOT NULL,
-        resource TEXT NOT NULL,
-        size BIGINT NOT NULL,
-        sha256 TEXT NOT NULL,
-        locations TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        duration DOUBLE PRECISION NOT NULL,
-        request_id TEXT NOT NULL,
-        at DOUBLE PRECISION NOT NULL
-    );
-    CREATE INDEX publishes_key ON publishes (key_id, id);
-    CREATE TABLE forwards (
-        id BIGSERIAL PRIMARY KEY,
-        key_id TEXT NOT NULL,
-        project TEXT NOT NULL,
-        service TEXT NOT NULL,
-        lineage_version INTEGER NOT NULL,
-        method TEXT NOT NULL,
-        route TEXT NOT NULL,
-        status INTEGER NOT NULL,
-        latency DOUBLE PRECISION NOT NULL,
-        bytes_in BIGINT NOT NULL,
-        request_id TEXT NOT NULL,
-        at DOUBLE PRECISION NOT NULL
-    );
-    CREATE INDEX forwards_key ON forwards (key_id, id)
-    """,
-    """
-    CREATE TABLE admins (
-        id TEXT PRIMARY KEY,
-        secret_hash TEXT NOT NULL,
-        role TEXT NOT NULL,
-        project TEXT,
-        label TEXT NOT NULL DEFAULT '',
-        created DOUBLE PRECISION NOT NULL,
-        revoked DOUBLE PRECISION
-    );
-    CREATE TABLE audit (
-        id BIGSERIAL PRIMARY KEY,
-        at DOUBLE PRECISION NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        target TEXT NOT NULL,
-        detail TEXT NOT NULL DEFAULT '{}'
-    )
-    """,
+_MIGRATIONS = migrations(
+    {"real": "DOUBLE PRECISION", "serial": "BIGSERIAL PRIMARY KEY", "bigint": "BIGINT"}
 )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from dais_adapters._sql import Row, SqlStore
+from dais_adapters._sql import Row, SqlStore, migrations
 from dais_adapters.hooks import hookimpl
 from dais_core.errors import InvalidData, Unavailable
 
@@ -25,95 +25,8 @@ __all__ = ["SqliteStore", "path_from_url"]
 
 log = logging.getLogger(__name__)
 
-_MIGRATIONS = (
-    """
-    CREATE TABLE keys (
-        id TEXT PRIMARY KEY,
-        secret_hash TEXT NOT NULL,
-        project TEXT NOT NULL,
-        label TEXT NOT NULL DEFAULT '',
-        requestor TEXT NOT NULL DEFAULT '',
-        approver TEXT NOT NULL DEFAULT '',
-        app_ids TEXT NOT NULL DEFAULT '[]',
-        case_code TEXT NOT NULL DEFAULT '',
-        lighthouse INTEGER NOT NULL DEFAULT 0,
-        business_case TEXT NOT NULL DEFAULT '',
-        created REAL NOT NULL,
-        expires REAL,
-        revoked REAL,
-        last_used REAL
-    );
-    CREATE INDEX keys_project ON keys (project);
-    CREATE TABLE permissions (
-        id INTEGER PRIMARY KEY,
-        key_id TEXT NOT NULL REFERENCES keys (id),
-        project TEXT NOT NULL,
-        service TEXT NOT NULL,
-        prefix TEXT NOT NULL,
-        methods TEXT NOT NULL DEFAULT '',
-        UNIQUE (key_id, project, service, prefix, methods)
-    );
-    CREATE TABLE grants (
-        id INTEGER PRIMARY KEY,
-        key_id TEXT NOT NULL REFERENCES keys (id),
-        resource TEXT NOT NULL,
-        locations TEXT NOT NULL,
-        data_type TEXT NOT NULL,
-        UNIQUE (key_id, resource)
-    );
-    CREATE TABLE services (
-        project TEXT NOT NULL,
-        lineage_version INTEGER NOT NULL,
-        service TEXT NOT NULL,
-        base_url TEXT NOT NULL,
-        PRIMARY KEY (project, lineage_version, service)
-    );
-    CREATE TABLE publishes (
-        id INTEGER PRIMARY KEY,
-        key_id TEXT NOT NULL,
-        resource TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        sha256 TEXT NOT NULL,
-        locations TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        duration REAL NOT NULL,
-        request_id TEXT NOT NULL,
-        at REAL NOT NULL
-    );
-    CREATE TABLE forwards (
-        id INTEGER PRIMARY KEY,
-        key_id TEXT NOT NULL,
-        project TEXT NOT NULL,
-        service TEXT NOT NULL,
-        lineage_version INTEGER NOT NULL,
-        method TEXT NOT NULL,
-        route TEXT NOT NULL,
-        status INTEGER NOT NULL,
-        latency REAL NOT NULL,
-        bytes_in INTEGER NOT NULL,
-        request_id TEXT NOT NULL,
-        at REAL NOT NULL
-    );
-    """,
-    """
-    CREATE TABLE admins (
-        id TEXT PRIMARY KEY,
-        secret_hash TEXT NOT NULL,
-        role TEXT NOT NULL,
-        project TEXT,
-        label TEXT NOT NULL DEFAULT '',
-        created REAL NOT NULL,
-        revoked REAL
-    );
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY,
-        at REAL NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        target TEXT NOT NULL,
-        detail TEXT NOT NULL DEFAULT '{}'
-    );
-    """,
+_MIGRATIONS = migrations(
+    {"real": "REAL", "serial": "INTEGER PRIMARY KEY", "bigint": "INTEGER"}
 )
 
 
