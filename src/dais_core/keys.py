@@ -101,12 +101,13 @@ def parse_token(token: str, prefix: str = TOKEN_PREFIX) -> tuple[str, str]:
         Unauthenticated: The token is not of the dais form or its checksum
             does not match.
     """
+    what = "admin token" if prefix == ADMIN_PREFIX else "API key"
     found = _TOKEN.fullmatch(token)
     if found is None or found["prefix"] != prefix:
-        raise Unauthenticated("the API key is malformed")
+        raise Unauthenticated(f"the {what} is malformed")
     body = token[: found.start("check")]
     if not hmac.compare_digest(_checksum(body), found["check"]):
-        raise Unauthenticated("the API key is malformed")
+        raise Unauthenticated(f"the {what} is malformed")
     return found["id"], found["secret"]
 
 

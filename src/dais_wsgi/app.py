@@ -39,6 +39,7 @@ from dais_core.rules import resource_id_from_target
 from dais_core.usecases import authenticate, authorise_call, publish
 from dais_core.values import ForwardRecord, PublishRecord
 from dais_wsgi.admin import add_admin_routes
+from dais_wsgi.area import area_error
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.metrics import Health, Metrics, MetricsResource, Readiness
 
@@ -91,6 +92,8 @@ def _handle_dais_error(
             _rate_headers(resp, rate[0], rate[1], exc.decision)
     if resp.status == 500:
         errors_log.warning("request %s failed: %s", req.context.request_id, exc.message)
+    if req.path.startswith("/app/"):
+        area_error(req, resp, exc.message)
 
 
 def _handle_http_error(

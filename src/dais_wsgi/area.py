@@ -18,7 +18,7 @@ from dais_core.errors import InvalidData, Unauthenticated
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.present import credential_json, iso
 
-__all__ = ["ApiKeysPage", "Login", "Logout", "presented_token"]
+__all__ = ["ApiKeysPage", "Login", "Logout", "area_error", "presented_token"]
 
 COOKIE = "dais_admin"
 _RECENT = 20
@@ -67,17 +67,7 @@ class Login:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Show the form."""
-        target = _safe_next(req.get_param("next"))
-        resp.set_headers(_HEADERS)
-        resp.content_type = falcon.MEDIA_HTML
-        resp.text = _page(
-            "Dais admin login",
-            "<h1>Dais admin</h1><form method=post action='/app/login'>"
-            f"<input type=hidden name=next value='{_e(target)}'>"
-            "<p><label for=token>Admin token</label><br>"
-            "<input id=token name=token type=password size=70 autocomplete=off required>"
-            "</p><p><button type=submit>Log in</button></p></form>",
-        )
+        _form(resp, _safe_next(req.get_param("next")), "")
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Check the token; on success, set the cookie and go on."""
@@ -85,8 +75,13 @@ class Login:
         if not isinstance(form, dict):
             raise InvalidData("send the login form")
         token = str(form.get("token", "")).strip()
-        admin = authenticate_admin(self.runtime.admin, token, self.runtime.clock())
         target = _safe_next(str(form.get("next", "")))
+        try:
+            admin = authenticate_admin(self.runtime.admin, token, self.runtime.clock())
+        except Unauthenticated as exc:
+            resp.status = 401
+            _form(resp, target, exc.message)
+            return
         if target == "/app/login" and admin.project:
             target = f"/app/{quote(admin.project)}/admin/apikeys"
         resp.set_cookie(
@@ -109,6 +104,37 @@ class Logout:
         resp.unset_cookie(COOKIE, path="/app/")
         resp.status = 303
         resp.set_header("Location", "/app/login")
+
+
+def _form(resp: falcon.Response, target: str, problem: str) -> None:
+    resp.set_headers(_HEADERS)
+    resp.content_type = falcon.MEDIA_HTML
+    notice = f"<p class=revoked role=alert>{_e(problem)}</p>" if problem else ""
+    resp.text = _page(
+        "Dais admin login",
+        f"<h1>Dais admin</h1>{notice}<form method=post action='/app/login'>"
+        f"<input type=hidden name=next value='{_e(target)}'>"
+        "<p><label for=token>Admin token</label><br>"
+        "<input id=token name=token type=password size=70 autocomplete=off required>"
+        "</p><p><button type=submit>Log in</button></p></form>",
+    )
+
+
+def area_error(req: falcon.Request, resp: falcon.Response, message: str) -> None:
+    """Give an error answer of the area its headers, and a page to a browser.
+
+    The status and the JSON body are already set; a browser that prefers
+    HTML gets a short page with the same message instead.
+    """
+    resp.set_headers(_HEADERS)
+    if req.client_prefers(["application/json", "text/html"]) == "text/html":
+        resp.content_type = falcon.MEDIA_HTML
+        resp.media = None
+        resp.text = _page(
+            "Dais admin",
+            f"<h1>Not available</h1><p>{_e(message)}</p>"
+            "<p><a href='/app/login'>Log in with another token</a></p>",
+        )
 
 
 def _safe_next(target: str | None) -> str:

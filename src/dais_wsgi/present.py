@@ -15,7 +15,8 @@ def iso(when: float | None) -> str | None:
     """Return an epoch time as ISO 8601 in UTC, or ``None``."""
     if when is None:
         return None
-    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat()
+    moment = datetime.datetime.fromtimestamp(when, datetime.UTC)
+    return moment.isoformat(timespec="seconds")
 
 
 def parse_iso(text: str) -> float:

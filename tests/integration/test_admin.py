@@ -343,3 +343,32 @@ class TestProjectArea:
             redirect=False,
         )
         assert login.headers["Location"] == "/app/p1/admin/apikeys"
+
+    def test_a_browser_refused_gets_a_page_with_the_area_headers(self, gateway):
+        """A 403 to a browser is a short HTML page that forbids framing and caching."""
+        lead = project_admin(gateway, "p1")
+        page = lead.call("GET", "/app/p2/admin/apikeys", Accept="text/html")
+        assert page.status == 403
+        assert page.headers["Content-Type"].startswith("text/html")
+        assert page.headers["X-Frame-Options"] == "DENY"
+        assert page.headers["Cache-Control"] == "no-store"
+        assert "may not see that project" in page.data.decode()
+
+    def test_a_wrong_token_at_login_shows_the_form_again(self, gateway):
+        """The form comes back with a 401 and says why."""
+        http = urllib3.PoolManager(retries=False)
+        login = http.request(
+            "POST",
+            f"{gateway.url}/app/login",
+            fields={
+                "token": "daisadm_0000000000000000_nope",
+                "next": "/app/p1/admin/apikeys",
+            },
+            encode_multipart=False,
+            redirect=False,
+        )
+        assert login.status == 401
+        text = login.data.decode()
+        assert "the admin token is malformed" in text
+        assert "<form method=post" in text
+        assert "Set-Cookie" not in login.headers
