@@ -132,7 +132,19 @@ def default_client() -> Any:
     """
     import boto3
 
+    _bound_smart_open_retries()
     return boto3.session.Session().client("s3")
+
+
+def _bound_smart_open_retries() -> None:
+    # smart-open retries a failed S3 call 6 times, 10 s apart, through a
+    # module-wide policy: an unreachable store would hold an upload's worker
+    # for a minute before the 500. Two tries a second apart is enough for a
+    # blip; the upload itself is the caller's to retry. This changes the
+    # policy for the whole process, which is ours.
+    retry = smart_open.s3.RETRY
+    retry.attempts = min(retry.attempts, 2)
+    retry.sleep_seconds = min(retry.sleep_seconds, 1)
 
 
 @functools.cache
