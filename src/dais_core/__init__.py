@@ -55,9 +55,14 @@ from dais_core.ports import (
     ThrottleState,
 )
 from dais_core.rules import (
+    MAX_LINEAGE_VERSION,
+    MAX_TIME,
     Location,
+    check_lineage_version,
     check_name,
     check_resource_id,
+    check_service_url,
+    check_time,
     is_under,
     normalise_prefix,
     normalise_route,
@@ -99,7 +104,12 @@ __all__ = [
     # rules
     "GatewayCall",
     "Location",
+    "MAX_LINEAGE_VERSION",
+    "MAX_TIME",
+    "check_lineage_version",
     "check_name",
+    "check_service_url",
+    "check_time",
     "check_resource_id",
     "is_under",
     "normalise_prefix",

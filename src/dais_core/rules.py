@@ -19,7 +19,12 @@ from dais_core.errors import InvalidData, InvalidResourceId, InvalidRoute
 __all__ = [
     "MAX_ROUTE_LENGTH",
     "Location",
+    "MAX_LINEAGE_VERSION",
+    "MAX_TIME",
+    "check_lineage_version",
     "check_name",
+    "check_service_url",
+    "check_time",
     "is_under",
     "normalise_prefix",
     "normalise_route",
@@ -29,6 +34,11 @@ __all__ = [
 ]
 
 MAX_ROUTE_LENGTH = 4096
+#: Lineage versions are stored as 32-bit integers.
+MAX_LINEAGE_VERSION = 2**31 - 1
+#: The latest time a key may be set to expire: the end of the year 9998, so
+#: that every stored time stays a valid date in every time zone.
+MAX_TIME = 253370764800.0
 MAX_RESOURCE_ID_LENGTH = 1024
 MAX_SEGMENT_BYTES = 255
 
@@ -57,6 +67,52 @@ def check_name(value: str, what: str) -> str:
             f"{what} must be 1-128 letters, digits, '-' or '_', "
             "starting with a letter or digit"
         )
+    return value
+
+
+def check_lineage_version(value: int) -> int:
+    """Return ``value`` if it is a lineage version that can be stored.
+
+    Raises:
+        InvalidData: Not between 1 and :data:`MAX_LINEAGE_VERSION`.
+    """
+    if isinstance(value, bool) or not 1 <= value <= MAX_LINEAGE_VERSION:
+        raise InvalidData(
+            f"a lineage version is a whole number from 1 to {MAX_LINEAGE_VERSION}"
+        )
+    return value
+
+
+def check_service_url(url: str) -> str:
+    """Return a service's base URL, without a trailing ``/``, if it is usable.
+
+    Raises:
+        InvalidData: Not an ``http`` or ``https`` URL with a host, or it has
+            credentials, a query or a fragment.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise InvalidData("the service URL does not parse") from None
+    if parts.scheme not in {"http", "https"} or not host:
+        raise InvalidData("the service URL must be http:// or https:// with a host")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise InvalidData(
+            "the service URL may not carry credentials, query or fragment"
+        )
+    return url.rstrip("/")
+
+
+def check_time(value: float) -> float:
+    """Return an epoch time if it is a date every presentation can show.
+
+    Raises:
+        InvalidData: Not finite, or before 1970 or after :data:`MAX_TIME`.
+    """
+    if not 0.0 <= value <= MAX_TIME:
+        raise InvalidData("times must fall between 1970 and the year 9998")
     return value
 
 

@@ -28,8 +28,11 @@ from dais_core.admin import (
 from dais_core.errors import InvalidData, NotFound
 from dais_core.keys import ADMIN_PREFIX, new_key
 from dais_core.rules import (
+    check_lineage_version,
     check_name,
     check_resource_id,
+    check_service_url,
+    check_time,
     normalise_prefix,
     parse_location,
 )
@@ -49,6 +52,8 @@ from dais_wsgi.present import audit_json, credential_json, iso, parse_iso
 __all__ = ["add_admin_routes", "make_admin"]
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
+#: The longest overlap of a rotation: ten years, in seconds.
+MAX_OVERLAP = 10 * 366 * 86400.0
 
 
 def _strict(kind: type[Any]) -> Callable[[Any, type[Any]], Any]:
@@ -166,9 +171,10 @@ def _time(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return parse_iso(text)
-    except ValueError:
+        when = parse_iso(text)
+    except (ValueError, OverflowError):
         raise InvalidData("times are ISO 8601, e.g. 2027-01-31T00:00:00Z") from None
+    return check_time(when)
 
 
 class _AdminResource:
@@ -280,6 +286,8 @@ class Rotate(_AdminResource):
         if old.key.revoked is not None:
             raise InvalidData("a revoked key cannot be rotated")
         made = new_key()
+        if not 0 <= body.overlap_seconds <= MAX_OVERLAP:
+            raise InvalidData(f"overlap_seconds is from 0 to {MAX_OVERLAP:.0f}")
         key, ends = successor(old, made, self.runtime.clock(), body.overlap_seconds)
         self.store.rotate(key, key_id, ends)
         self.changed(key_id)
@@ -385,16 +393,11 @@ class Services(_AdminResource):
         """Register (or move) a service of a lineage version."""
         admin = self.platform(req)
         body: ServiceBody = _body(req, ServiceBody)
-        if body.lineage_version < 1:
-            raise InvalidData("lineage_version must be a positive integer")
-        url = urlsplit(body.url)
-        if url.scheme not in {"http", "https"} or not url.hostname:
-            raise InvalidData("url must be an http(s) URL")
         endpoint = ServiceEndpoint(
             check_name(body.project, "project"),
-            body.lineage_version,
+            check_lineage_version(body.lineage_version),
             check_name(body.service, "service"),
-            body.url.rstrip("/"),
+            check_service_url(body.url),
         )
         self.store.add_service(endpoint)
         invalidate = getattr(self.runtime.registry, "invalidate", None)
@@ -412,7 +415,10 @@ class Explain(_AdminResource):
         """Say whether a key could make a gateway call, and why."""
         self.platform(req)
         body: ExplainBody = _body(req, ExplainBody)
-        target = urlsplit(body.url)
+        try:
+            target = urlsplit(body.url)
+        except ValueError:
+            raise InvalidData("the URL does not parse") from None
         found = explain(
             self.credential(body.key_id),
             body.method,

@@ -8,6 +8,7 @@ in the form a router decoded.
 from __future__ import annotations
 
 import base64
+import importlib.resources
 import logging
 import math
 import time
@@ -100,7 +101,9 @@ def _handle_http_error(
     req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError, params: Any
 ) -> None:
     resp.status = exc.status
-    code = exc.title.lower().replace(" ", "_") if exc.title else "http_error"
+    # Falcon's titles read "404 Not Found": the code is the words alone.
+    words = (exc.title or "").split(" ", 1)[-1]
+    code = words.lower().replace(" ", "_") or "http_error"
     resp.media = {"error": code, "message": exc.description or exc.title}
     if exc.headers:
         resp.set_headers(exc.headers)
@@ -423,6 +426,19 @@ class GatewaySink:
             )
 
 
+class OpenAPIDocument:
+    """``GET /openapi.json``: the OpenAPI 3.1 contract of this service."""
+
+    def __init__(self) -> None:
+        package = importlib.resources.files("dais_wsgi")
+        self.document = package.joinpath("openapi.json").read_bytes()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Serve the document as shipped in the package."""
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self.document
+
+
 def _ready_checks(runtime: Runtime) -> dict[str, Callable[[], Any]]:
     store = getattr(runtime.keys, "store", runtime.keys)
     candidates: dict[str, Any] = {
@@ -448,6 +464,7 @@ def create_app(runtime: Runtime) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_error_handler(DaisError, _handle_dais_error)
     add_admin_routes(app, runtime)
     app.add_route("/healthz", Health())
+    app.add_route("/openapi.json", OpenAPIDocument())
     app.add_route("/readyz", Readiness(_ready_checks(runtime)))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_sink(UploadSink(runtime), r"/integration/v1/resources(?:/|$)")

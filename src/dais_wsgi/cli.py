@@ -24,8 +24,11 @@ from dais_core.errors import DaisError, InvalidData, NotFound
 from dais_core.keys import new_key
 from dais_core.policies import RatePolicy
 from dais_core.rules import (
+    check_lineage_version,
     check_name,
     check_resource_id,
+    check_service_url,
+    check_time,
     normalise_prefix,
     parse_location,
 )
@@ -95,7 +98,9 @@ def _keys_create(args: argparse.Namespace) -> int:
     check_name(args.project, "project")
     made = new_key()
     now = time.time()
-    expires = now + args.expires_days * 86400 if args.expires_days else None
+    expires = None
+    if args.expires_days:
+        expires = check_time(now + args.expires_days * 86400)
     request = KeyRequest(
         requestor=args.requestor,
         approver=args.approver,
@@ -160,13 +165,11 @@ def _grants_add(args: argparse.Namespace) -> int:
 
 
 def _services_add(args: argparse.Namespace) -> int:
-    if args.lineage_version < 1:
-        raise InvalidData("--lineage-version must be a positive integer")
     endpoint = ServiceEndpoint(
         check_name(args.project, "project"),
-        args.lineage_version,
+        check_lineage_version(args.lineage_version),
         check_name(args.service, "service"),
-        args.url.rstrip("/"),
+        check_service_url(args.url),
     )
     _store(args).add_service(endpoint)
     print(
@@ -194,7 +197,10 @@ def _explain(args: argparse.Namespace) -> int:
     credential = store.load(args.key_id)
     if credential is None:
         raise NotFound(f"no key {args.key_id!r}")
-    target = urlsplit(args.url)
+    try:
+        target = urlsplit(args.url)
+    except ValueError:
+        raise InvalidData("the URL does not parse") from None
     found = explain(credential, args.method, target.path, target.query, store)
     if args.json:
         print(json.dumps(attrs.asdict(found, value_serializer=_plain)))

@@ -102,6 +102,8 @@ class Health:
         """Answer 200."""
         resp.media = {"status": "ok"}
 
+    on_head = on_get
+
 
 class Readiness:
     """``GET /readyz``: the store, the throttle state and the storages answer.
@@ -125,3 +127,5 @@ class Readiness:
         ready = all(result == "ok" for result in results.values())
         resp.status = 200 if ready else 503
         resp.media = {"status": "ready" if ready else "unavailable", "checks": results}
+
+    on_head = on_get

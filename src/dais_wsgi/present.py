@@ -15,7 +15,11 @@ def iso(when: float | None) -> str | None:
     """Return an epoch time as ISO 8601 in UTC, or ``None``."""
     if when is None:
         return None
-    moment = datetime.datetime.fromtimestamp(when, datetime.UTC)
+    try:
+        moment = datetime.datetime.fromtimestamp(when, datetime.UTC)
+    except (OverflowError, ValueError, OSError):
+        # Stored before times were checked: show the number, never fail.
+        return repr(when)
     return moment.isoformat(timespec="seconds")
 
 

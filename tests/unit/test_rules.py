@@ -14,8 +14,11 @@ from dais_core.errors import InvalidData, InvalidResourceId, InvalidRoute
 from dais_core.rules import (
     MAX_ROUTE_LENGTH,
     Location,
+    check_lineage_version,
     check_name,
     check_resource_id,
+    check_service_url,
+    check_time,
     is_under,
     normalise_prefix,
     normalise_route,
@@ -415,3 +418,47 @@ class TestParseLocation:
         """No scheme or authority, credentials, query, port or unsafe path is 400."""
         with pytest.raises(InvalidData):
             parse_location(uri)
+
+
+class TestAdminInputs:
+    """Values an admin sends are checked before they are stored."""
+
+    @pytest.mark.parametrize("value", [1, 7, 2**31 - 1])
+    def test_storable_lineage_versions_pass(self, value):
+        """Versions from 1 to 2**31 - 1 are kept."""
+        assert check_lineage_version(value) == value
+
+    @pytest.mark.parametrize("value", [0, -1, 2**31, 2**64, True])
+    def test_other_lineage_versions_are_refused(self, value):
+        """Zero, negatives, what a 32-bit column cannot hold, and booleans fail."""
+        with pytest.raises(InvalidData):
+            check_lineage_version(value)
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "http://[",
+            "ftp://host/x",
+            "http:///x",
+            "http://u:p@host",
+            "http://h/?q=1",
+            "http://h:99999",
+            "javascript:alert(1)",
+        ],
+    )
+    def test_unusable_service_urls_are_refused(self, url):
+        """Only plain http(s) URLs with a host are service URLs."""
+        with pytest.raises(InvalidData):
+            check_service_url(url)
+
+    def test_a_service_url_loses_its_trailing_slash(self):
+        """The base URL is kept without a trailing slash."""
+        assert check_service_url("https://svc.internal:8443/base/") == (
+            "https://svc.internal:8443/base"
+        )
+
+    @pytest.mark.parametrize("value", [-1.0, 1e300, float("inf"), float("nan")])
+    def test_times_outside_1970_to_9998_are_refused(self, value):
+        """Times every presentation can show are the only ones stored."""
+        with pytest.raises(InvalidData):
+            check_time(value)
