@@ -536,6 +536,20 @@ class SqlStore:
                 ),
             )
 
+    def revoke_admin(self, admin_id: str, now: float) -> None:
+        """Revoke an admin token from ``now`` on.
+
+        Raises:
+            NotFound: No such admin token.
+        """
+        with self._transaction() as db:
+            if not self._exec(
+                db,
+                "UPDATE admins SET revoked = COALESCE(revoked, ?) WHERE id = ?",
+                (now, admin_id),
+            ):
+                raise NotFound(f"no admin token {admin_id!r}")
+
     def load_admin(self, admin_id: str) -> AdminToken | None:
         """Return the admin token with that id, or ``None``."""
         rows = self._read("SELECT * FROM admins WHERE id = ?", admin_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -129,6 +130,10 @@ class LocalFolderStorage:
     def path_of(self, location: Location) -> Path:
         """Return the file a location names, checked to stay under the root.
 
+        The check runs before any folder is made, on the deepest folder that
+        exists, and again once the folders are there, so a symbolic link
+        cannot lead the creation of folders outside the root.
+
         Raises:
             PublishFailed: The location is a folder, or resolves (through a
                 symbolic link, say) outside the root.
@@ -137,14 +142,23 @@ class LocalFolderStorage:
             raise PublishFailed(f"{location.uri} names a folder, not a file")
         path = self.root / location.authority / location.path
         with _translated("create the destination folder"):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
             real_root = self.root.resolve()
+            existing = path.parent
+            while not existing.exists():
+                existing = existing.parent
+            self._contained(existing.resolve(), real_root, location)
+            path.parent.mkdir(parents=True, exist_ok=True)
             real_parent = path.parent.resolve()
-        if real_parent != real_root and real_root not in real_parent.parents:
-            raise PublishFailed(f"{location.uri} leads outside the File Manager")
+        self._contained(real_parent, real_root, location)
         if path.is_dir():
             raise PublishFailed(f"{location.uri} is a folder in the File Manager")
         return real_parent / path.name
+
+    @staticmethod
+    def _contained(real: Path, real_root: Path, location: Location) -> None:
+        if real != real_root and real_root not in real.parents:
+            raise PublishFailed(f"{location.uri} leads outside the File Manager")
 
     def stage(self, location: Location) -> _StagedFile:
         """Open a staged copy for ``location``.
@@ -170,18 +184,25 @@ class LocalFolderStorage:
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise PublishFailed("the File Manager folder is not writable")
 
-    def sweep(self) -> int:
+    def sweep(self, min_age: float = 0.0) -> int:
         """Remove staged copies left by a process that died; return how many.
 
         Staged copies (``.part``) and the previous files kept for a rollback
-        (``.prev``) are all removed. Call it only when no upload is in
-        flight, at start-up.
+        (``.prev``) untouched for ``min_age`` seconds are removed. Other
+        gateways sharing the folder may have uploads in flight: a copy being
+        written is touched continuously, and one stalled longer than the
+        request deadline has been given up, so ``serve`` passes that
+        deadline.
         """
         removed = 0
         if not self.staging.is_dir():
             return removed
+        cutoff = time.time() - min_age
         for stale in self.staging.iterdir():
             with contextlib.suppress(FileNotFoundError):
+                status = stale.stat()
+                if max(status.st_mtime, status.st_ctime) > cutoff:
+                    continue
                 stale.unlink()
                 removed += 1
         if removed:

@@ -385,10 +385,10 @@ class ObjectStorage:
         log.debug("staged %s", location.uri)
         return _StagedObject(client, gate, cast(_Writer, writer), location)
 
-    def sweep(self) -> int:
+    def sweep(self, min_age: float = 0.0) -> int:
         """Remove stale backups from the sweep buckets; return how many.
 
-        Only backups older than ``stale_after`` go, so a commit in flight in
+        Only backups older than ``stale_after`` (or ``min_age``, if longer) go, so a commit in flight in
         another process keeps its own. Uploads left pending by a process
         that died are not touched here: a bucket lifecycle rule
         (``AbortIncompleteMultipartUpload``) removes them without risk to
@@ -399,16 +399,17 @@ class ObjectStorage:
         removed = 0
         for bucket in self.options.sweep_buckets:
             try:
-                removed += self._sweep_bucket(bucket)
+                removed += self._sweep_bucket(bucket, min_age)
             except failures as exc:
                 log.warning("could not sweep s3://%s (%s)", bucket, _reason(exc))
         if removed:
             log.warning("removed %d stale backups from object storage", removed)
         return removed
 
-    def _sweep_bucket(self, bucket: str) -> int:
+    def _sweep_bucket(self, bucket: str, min_age: float) -> int:
         client = self.client()
-        stale_after = datetime.timedelta(seconds=self.options.stale_after)
+        age = max(self.options.stale_after, min_age)
+        stale_after = datetime.timedelta(seconds=age)
         cutoff = datetime.datetime.now(datetime.UTC) - stale_after
         pages = client.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=STAGING_PREFIX

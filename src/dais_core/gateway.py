@@ -47,7 +47,15 @@ _DROPPED = frozenset(
         "forwarded",
         "x-real-ip",
         "x-request-id",
+        # Method overrides: the upstream must act on the method that was
+        # checked against the key's permission, not on another one.
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
     }
+)
+_HOST = re.compile(
+    r"[A-Za-z0-9.-]{1,253}(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?"
 )
 # Prefixes of headers the gateway asserts itself (or that only a trusted
 # proxy may assert): the caller's are dropped, whatever follows the prefix.
@@ -160,10 +168,11 @@ def upstream_headers(
         and not low.startswith(_OWN_PREFIXES)
     ]
     chain = f"{trusted_chain}, {client}" if trusted_chain else client
+    kept += [("X-Forwarded-For", chain), ("X-Forwarded-Proto", proto)]
+    if _HOST.fullmatch(host):
+        # A Host that is not a plain host[:port] is not passed on.
+        kept.append(("X-Forwarded-Host", host))
     kept += [
-        ("X-Forwarded-For", chain),
-        ("X-Forwarded-Proto", proto),
-        ("X-Forwarded-Host", host),
         ("X-Request-Id", request_id),
         ("X-Dais-Key-Id", key_id),
         ("X-Dais-Project", project),

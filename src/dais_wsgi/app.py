@@ -64,6 +64,14 @@ def raw_path(req: falcon.Request) -> str:
     return str(target).partition("?")[0]
 
 
+def raw_query(req: falcon.Request) -> str:
+    """Return the query string exactly as the client sent it."""
+    target = req.env.get("REQUEST_URI")
+    if target is None:
+        return str(req.query_string)
+    return str(target).partition("?")[2].partition("#")[0]
+
+
 def _rate_headers(
     resp: falcon.Response, name: str, policy: RatePolicy, d: Decision
 ) -> None:
@@ -351,7 +359,7 @@ class GatewaySink:
         req.context.key_id = credential.key.id
         call = parse_gateway_path(raw_path(req))
         route = authorise_call(
-            credential, call, req.method, req.query_string, runtime.registry
+            credential, call, req.method, raw_query(req), runtime.registry
         )
         if runtime.gateway_throttle is not None:
             req.context.rate = ("gateway", runtime.gateway_throttle.policy)
@@ -383,11 +391,15 @@ class GatewaySink:
             else None,
         )
         started = time.perf_counter()
-        status = runtime.forwarder.forward(
-            ForwardRequest(
-                req.method, route.url, headers, body, length if length else None
+        runtime.gateway_in_flight.acquire(credential.key.id)
+        try:
+            status = runtime.forwarder.forward(
+                ForwardRequest(
+                    req.method, route.url, headers, body, length if length else None
+                )
             )
-        )
+        finally:
+            runtime.gateway_in_flight.release(credential.key.id)
         req.context.metrics.upstream.observe(time.perf_counter() - started)
         resp.status = status
         resp.set_header("Dais-Lineage-Version", str(route.endpoint.lineage_version))

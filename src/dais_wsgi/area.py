@@ -8,6 +8,7 @@ shown is escaped; the pages forbid scripts, framing and caching.
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -137,14 +138,12 @@ def area_error(req: falcon.Request, resp: falcon.Response, message: str) -> None
         )
 
 
+_NEXT = re.compile(r"/app/[A-Za-z0-9._~%/-]*")
+
+
 def _safe_next(target: str | None) -> str:
-    # Only paths of this area: never another host, never a scheme.
-    if (
-        target
-        and target.startswith("/app/")
-        and "//" not in target
-        and "\\" not in target
-    ):
+    # Only paths of this area: never another host, a scheme or a header break.
+    if target and _NEXT.fullmatch(target) and "//" not in target:
         return target
     return "/app/login"
 

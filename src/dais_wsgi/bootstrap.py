@@ -52,6 +52,7 @@ class AdminStore(Protocol):
     def add_service(self, endpoint: ServiceEndpoint) -> None: ...
     def load(self, key_id: str) -> Credential | None: ...
     def endpoints(self, project: str) -> Sequence[ServiceEndpoint]: ...
+    def revoke_admin(self, admin_id: str, now: float) -> None: ...
 
 
 class Inspectors:
@@ -79,6 +80,7 @@ class Runtime:
     upload_throttle: Throttler
     gateway_throttle: Throttler | None
     uploads_in_flight: ConcurrencyCap
+    gateway_in_flight: ConcurrencyCap
     inspector: Inspector
     commit_locks: KeyedLocks
     hooks: Any
@@ -195,6 +197,7 @@ def bootstrap(
         upload_throttle=Throttler(throttle, clock, settings.upload_rate, "upload"),
         gateway_throttle=gateway_throttle,
         uploads_in_flight=ConcurrencyCap(settings.uploads_in_flight),
+        gateway_in_flight=ConcurrencyCap(settings.gateway_in_flight),
         inspector=Inspectors([i for found in hook.dais_inspectors() for i in found]),
         commit_locks=KeyedLocks(),
         hooks=hook,

@@ -192,6 +192,12 @@ def _admins_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admins_revoke(args: argparse.Namespace) -> int:
+    _store(args).revoke_admin(args.admin_id, time.time())
+    print(f"revoked admin token {args.admin_id}")
+    return 0
+
+
 def _explain(args: argparse.Namespace) -> int:
     store = _store(args)
     credential = store.load(args.key_id)
@@ -325,6 +331,9 @@ def _parser() -> argparse.ArgumentParser:
     acreate.add_argument("--label", default="")
     acreate.add_argument("--json", action="store_true")
     acreate.set_defaults(run=_admins_create)
+    arevoke = admins.add_parser("revoke", help="revoke an admin token now")
+    arevoke.add_argument("admin_id")
+    arevoke.set_defaults(run=_admins_revoke)
 
     explainer = groups.add_parser(
         "explain", help="say whether a key may make a gateway call, and why"

@@ -18,11 +18,15 @@ log = logging.getLogger(__name__)
 
 
 def sweep_storages(runtime: Runtime) -> None:
-    """Clear staged copies a killed process left behind, before serving."""
+    """Clear staged copies a killed process left behind, before serving.
+
+    Only copies idle for longer than a request may last are swept, so the
+    uploads in flight of other gateways sharing the storage are left alone.
+    """
     for storage in runtime.storages.values():
         sweep = getattr(storage, "sweep", None)
         if callable(sweep):
-            sweep()
+            sweep(min_age=runtime.settings.request_timeout)
 
 
 def make_server(runtime: Runtime, **overrides: Any) -> Any:
@@ -51,6 +55,7 @@ def make_server(runtime: Runtime, **overrides: Any) -> Any:
     server = create_server(create_app(runtime), **options)
     server.channel_class = StreamingChannel
     server.dais_request_timeout = settings.request_timeout
+    server.dais_gateway_timeout = settings.gateway_body_timeout
     log.info("listening on http://%s:%s", settings.host, server.effective_port)
     return server
 

@@ -47,6 +47,11 @@ class Settings:
     gateway_rate: RatePolicy | None = None
     #: Largest webhook body forwarded, in bytes.
     max_gateway_body: int = 10 * MiB
+    #: Seconds a webhook call's body may take to arrive (bodies are small).
+    gateway_body_timeout: float = 30.0
+    #: Webhook calls a key may have in flight at once in one process, so
+    #: that one key cannot hold every worker; 0 for no cap.
+    gateway_in_flight: int = 4
     #: Seconds to wait for an upstream to accept a connection.
     connect_timeout: float = 5.0
     #: Seconds to wait for each read of an upstream's answer.

@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 from waitress.channel import HTTPChannel
-from waitress.parser import HTTPRequestParser
+from waitress.parser import HTTPRequestParser, ParsingError
 
 from dais_core.errors import DaisError, IncompleteBody, RequestTimeout, TooLarge
 
@@ -45,6 +45,7 @@ PIPE_HIGH_WATER = 4 * 2**20
 LINGER_BYTES = 4 * 2**20
 LINGER_SECONDS = 2.0
 DEFAULT_REQUEST_TIMEOUT = 300.0
+GATEWAY_PATH = "/project-gateway/"
 
 
 class BodyPipe:
@@ -203,7 +204,13 @@ class BodyPipe:
 
 
 class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
-    """waitress' request parser, remembering when the request began."""
+    """waitress' request parser, remembering when the request began.
+
+    A request that declares both ``Content-Length`` and a chunked
+    ``Transfer-Encoding`` is refused (400) and its connection closed: the
+    two framings disagree, and passing either on is how requests are
+    smuggled past a proxy (RFC 9112, section 6.1).
+    """
 
     pipe: BodyPipe | None = None
     wants_continue = False
@@ -211,6 +218,13 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
     def __init__(self, adj: Any) -> None:
         super().__init__(adj)
         self.started = time.monotonic()
+
+    def parse_header(self, header_plus: bytes) -> None:
+        """Parse the head; refuse a request framed two ways at once."""
+        super().parse_header(header_plus)
+        if self.chunked and "CONTENT_LENGTH" in self.headers:
+            self.connection_close = True
+            raise ParsingError("both Content-Length and Transfer-Encoding were sent")
 
 
 class StreamingChannel(HTTPChannel):  # type: ignore[misc]
@@ -264,6 +278,9 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
     def _dispatch_streaming(self, request: StreamingParser) -> None:
         # Caller holds requests_lock.
         deadline = request.started + self.request_timeout
+        if str(request.path).startswith(GATEWAY_PATH):
+            gateway = getattr(self.server, "dais_gateway_timeout", self.request_timeout)
+            deadline = request.started + min(float(gateway), self.request_timeout)
         pipe = BodyPipe(self, request, deadline)
         request.body_rcv.getbuf().close()
         request.body_rcv.buf = pipe

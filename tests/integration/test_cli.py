@@ -217,13 +217,26 @@ class TestServe:
             upstream.close()
 
     def test_stale_staging_files_are_swept_at_start(self, tmp_path):
-        """A staged file left by a killed process is removed when serve starts."""
+        """A killed process's staged file goes at start; a live one stays."""
         home = tmp_path / "home"
         staging = home / "filemanager" / ".dais-staging"
         staging.mkdir(parents=True)
         (staging / "0123.part").write_bytes(b"half an upload")
+        # Left by a process that died: older than any request may last (2 s here).
+        time.sleep(2.5)
+        fresh = staging / "4567.part"
+        fresh.write_bytes(b"another gateway's upload in flight")
         process = subprocess.Popen(
-            [COMMAND, "--home", str(home), "serve", "--port", "0"],
+            [
+                COMMAND,
+                "--home",
+                str(home),
+                "serve",
+                "--port",
+                "0",
+                "--request-timeout",
+                "2",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -231,7 +244,7 @@ class TestServe:
         try:
             assert process.stdout is not None
             assert process.stdout.readline().startswith("dais gateway on")
-            assert list(staging.iterdir()) == []
+            assert list(staging.iterdir()) == [fresh]
         finally:
             os.kill(process.pid, signal.SIGINT)
             process.wait(timeout=15)

@@ -352,3 +352,83 @@ class TestBodies:
         )
         assert response.status == 200
         assert time.monotonic() - started < 2.0
+
+
+class TestSmugglingAndOverrides:
+    """Framing tricks and method overrides never reach the upstream."""
+
+    def test_content_length_with_chunked_is_refused_and_closed(
+        self, gateway, upstream, caller
+    ):
+        """Both framings at once: 400, the connection closed, the upstream untouched."""
+        port = int(gateway.url.rsplit(":", 1)[1])
+        smuggled = b"GET /api/admin/delete-everything HTTP/1.1\r\nHost: x\r\n\r\n"
+        chunk = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+        head = (
+            "POST /project-gateway/webhooks/p1/lineage-version/3/svc/api/webhook/x"
+            f" HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {caller}\r\n"
+            "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(head + chunk)
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400")
+        assert upstream.calls == []
+
+    def test_method_override_headers_are_dropped(self, http, gateway, upstream):
+        """A POST-only key cannot ask the upstream for DELETE through a header."""
+        from dais_core.values import Permission
+
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        key_id, token = gateway.make_key()
+        gateway.store.add_permission(
+            key_id, Permission("p1", "svc", "/", frozenset({"POST"}))
+        )
+        call(
+            http,
+            gateway,
+            token,
+            f"{BASE}/p1/lineage-version/1/svc/x",
+            headers={"X-HTTP-Method-Override": "DELETE", "X-Method-Override": "DELETE"},
+        )
+        seen = upstream.calls[-1].headers
+        assert "x-http-method-override" not in seen
+        assert "x-method-override" not in seen
+
+    def test_the_query_is_forwarded_as_sent(self, gateway, upstream, caller):
+        """The query reaches the upstream undecoded; only escapes' hex is upper-cased.
+
+        urllib3 upper-cases the hex digits of percent-escapes (an equivalent
+        form under RFC 3986, section 6.2.2.1); nothing is decoded or added.
+        """
+        status, _ = raw_call(
+            gateway,
+            caller,
+            f"{BASE}/p1/lineage-version/3/svc/api/webhook?a=%2F%2e&b=x+y&c=%7e",
+        )
+        assert status == 200
+        assert upstream.calls[-1].target == "/api/webhook?a=%2F%2E&b=x+y&c=%7E"
+
+
+class TestPerKeyCap:
+    """One key cannot hold every worker."""
+
+    def test_calls_in_flight_are_capped_per_key(self, start_gateway, upstream):
+        """With one slow call of a key in flight, its next call is 429."""
+        import concurrent.futures
+
+        gateway = start_gateway(gateway_in_flight=1)
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/"),))
+        upstream.delay = 1.0
+        path = f"{BASE}/p1/lineage-version/1/svc/x"
+        pool = urllib3.PoolManager(retries=False)
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            slow = executor.submit(call, pool, gateway, token, path)
+            time.sleep(0.3)
+            second = call(pool, gateway, token, path)
+            assert slow.result().status == 200
+        assert second.status == 429
+        assert second.headers["Retry-After"] == "1"

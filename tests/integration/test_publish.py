@@ -291,3 +291,23 @@ class TestLimitsAndRecords:
         while post(gateway, token, "big/other", b"x").status != 200:
             assert time.monotonic() < deadline, "the in-flight slot was never released"
             time.sleep(0.05)
+
+
+class TestContainment:
+    """A symbolic link in the File Manager cannot lead a publish outside it."""
+
+    def test_no_folder_is_made_through_a_link_that_leaves_the_root(
+        self, gateway, tmp_path
+    ):
+        """The refused publish creates nothing beyond the link."""
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        project = gateway.filemanager / "p1"
+        project.mkdir(parents=True)
+        (project / "link").symlink_to(outside)
+        _, token = gateway.make_key(
+            grants=(("x", ("filemanager://p1/link/deep/x",), BINARY),)
+        )
+        response = post(gateway, token, "x", b"data")
+        assert response.status == 500
+        assert list(outside.iterdir()) == []

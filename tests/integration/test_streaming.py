@@ -141,7 +141,10 @@ class TestEarlyRefusal:
             "-H",
             "Expect:",
         )
-        assert status == 401
+        # The 401 is sent at once; a client still pushing its body when the
+        # bounded drain ends may see the connection reset before reading it
+        # (status 0). Either way the server stopped reading.
+        assert status in {401, 0}
         assert sent < 64 * MiB
 
     def test_a_content_length_over_the_limit_is_413_before_the_body(
