@@ -19,6 +19,7 @@ from urllib.parse import quote, urlsplit
 
 import falcon
 from falcon.media.multipart import MultipartForm, MultipartParseOptions
+from falcon.util import BufferedReader
 
 from dais_core.errors import (
     DaisError,
@@ -51,6 +52,7 @@ errors_log = logging.getLogger("dais.errors")
 
 UPLOAD_PREFIX = "/integration/v1/resources/"
 CHUNK_SIZE = 1024 * 1024
+READ_SIZE = 256 * 1024
 
 
 def raw_path(req: falcon.Request) -> str:
@@ -246,8 +248,12 @@ class UploadSink:
         if req.content_length is not None and req.content_length > limit:
             raise TooLarge(f"the body is over the limit of {limit} bytes")
         expected = _expected_digest(req)
+        # Falcon reads 32 KiB at a time by default; uploads are large.
+        reader = BufferedReader(
+            req.stream.read, req.content_length or limit, chunk_size=READ_SIZE
+        )
         form = MultipartForm(
-            req.stream, boundary, req.content_length or limit, self.options
+            reader, boundary, req.content_length or limit, self.options
         )
 
         started = time.perf_counter()

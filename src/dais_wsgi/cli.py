@@ -234,7 +234,13 @@ def _serve(args: argparse.Namespace) -> int:
     from dais_wsgi.server import make_server
 
     runtime = bootstrap(_settings(args))
-    server = make_server(runtime)
+    try:
+        server = make_server(runtime)
+    except OSError as exc:
+        runtime.close()
+        raise InvalidData(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
+        ) from exc
     print(f"dais gateway on http://{args.host}:{server.effective_port}", flush=True)
     try:
         server.run()

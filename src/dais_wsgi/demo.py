@@ -17,6 +17,7 @@ from typing import Any
 
 from waitress.server import create_server
 
+from dais_core.errors import InvalidData
 from dais_core.keys import new_key
 from dais_core.values import (
     ApiKey,
@@ -109,7 +110,16 @@ def run_demo(settings: Settings) -> int:
         store.add_service(ServiceEndpoint(PROJECT, version, SERVICE, upstream_url))
     table, database = _samples(settings.home / "samples")
 
-    server = make_server(bootstrap(settings))
+    runtime = bootstrap(settings)
+    try:
+        server = make_server(runtime)
+    except OSError as exc:
+        store.revoke(made.id, time.time())
+        upstream.stop()
+        runtime.close()
+        raise InvalidData(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
+        ) from exc
     base = f"http://{settings.host}:{server.effective_port}"
     auth = f'-H "Authorization: Bearer {made.token}"'
     root = settings.resolved_filemanager_root / PROJECT
@@ -140,4 +150,7 @@ Press Ctrl-C to stop.
     finally:
         server.close()
         upstream.stop()
+        # The demo key lives as long as the demo.
+        store.revoke(made.id, time.time())
+        runtime.close()
     return 0

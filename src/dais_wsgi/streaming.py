@@ -41,6 +41,8 @@ __all__ = ["BodyPipe", "StreamingChannel", "StreamingParser"]
 
 #: Bytes a pipe holds before the event loop stops reading the socket.
 PIPE_HIGH_WATER = 4 * 2**20
+#: Bytes below which a worker wakes the event loop to read again.
+PIPE_LOW_WATER = 2 * 2**20
 #: What a refused request's client may still send before the socket closes.
 LINGER_BYTES = 4 * 2**20
 LINGER_SECONDS = 2.0
@@ -74,6 +76,10 @@ class BodyPipe:
         self._request = request
         self._deadline = deadline
         self._invited = False
+        self._offset = 0
+        # Set when the pipe filled up (the loop stops reading the socket);
+        # cleared when a reader wakes the loop again.
+        self._stalled = False
 
     # -- event-loop side ----------------------------------------------------
 
@@ -83,6 +89,8 @@ class BodyPipe:
             self._chunks.append(data)
             self._buffered += len(data)
             self._total += len(data)
+            if self._buffered >= PIPE_HIGH_WATER:
+                self._stalled = True
             self._cond.notify()
 
     def __len__(self) -> int:
@@ -90,8 +98,13 @@ class BodyPipe:
 
     @property
     def full(self) -> bool:
-        """Whether the loop should stop reading until the worker catches up."""
-        return self._buffered >= PIPE_HIGH_WATER
+        """Whether the loop should stop reading until the worker catches up.
+
+        Once the pipe reaches the high-water mark it counts as full until a
+        reader drains it to the low-water mark, and that reader wakes the
+        loop: one wake-up per couple of MiB, not one per read.
+        """
+        return self._stalled
 
     def finish(self) -> None:
         """Mark the end of the body."""
@@ -115,6 +128,7 @@ class BodyPipe:
         with self._cond:
             self._chunks.clear()
             self._buffered = 0
+            self._offset = 0
         self.fail(IncompleteBody("the request body was not read to its end"))
 
     # -- worker side --------------------------------------------------------
@@ -166,6 +180,9 @@ class BodyPipe:
 
     def _unread(self, data: bytes) -> None:
         with self._cond:
+            if self._offset:
+                self._chunks[0] = self._chunks[0][self._offset :]
+                self._offset = 0
             self._chunks.appendleft(data)
             self._buffered += len(data)
 
@@ -185,22 +202,28 @@ class BodyPipe:
                         "the request did not finish within its deadline"
                     )
                 self._cond.wait(min(remaining, 1.0))
-            was_full = self.full
             data = self._pop(size)
-        if was_full and not self.full:
+            # Wake the loop once there is room for many reads, not per read.
+            wake = self._stalled and self._buffered <= PIPE_LOW_WATER
+            if wake:
+                self._stalled = False
+        if wake:
             self._channel.server.pull_trigger()
         return data
 
     def _pop(self, size: int) -> bytes:
-        # Caller holds the lock. A whole chunk is returned without a copy.
-        first = self._chunks[0]
-        if len(first) <= size:
+        # Caller holds the lock. A whole chunk is returned without a copy;
+        # a part of one is sliced once, from an offset, never re-sliced.
+        first, offset = self._chunks[0], self._offset
+        left = len(first) - offset
+        if left <= size:
             self._chunks.popleft()
-            self._buffered -= len(first)
-            return first
-        self._chunks[0] = first[size:]
+            self._offset = 0
+            self._buffered -= left
+            return first if offset == 0 else first[offset:]
+        self._offset = offset + size
         self._buffered -= size
-        return first[:size]
+        return first[offset : offset + size]
 
 
 class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
