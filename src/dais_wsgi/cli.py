@@ -79,6 +79,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "request_timeout": args.request_timeout,
             "max_upload_bytes": args.max_upload_bytes,
             "uploads_in_flight": args.uploads_in_flight,
+            "gateway_in_flight": args.gateway_in_flight,
             "gateway_rate": _rate(args.gateway_rate),
             "trust_forwarded": args.trust_forwarded,
         }
@@ -374,6 +375,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument(
             "--gateway-rate", help="webhook calls per key (default: off)"
+        )
+        command.add_argument(
+            "--gateway-in-flight",
+            type=int,
+            default=defaults.gateway_in_flight,
+            help="webhook calls a key may have in flight at once (0: no cap)",
         )
         command.add_argument("--trust-forwarded", action="store_true")
         command.add_argument(
