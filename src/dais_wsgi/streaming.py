@@ -27,6 +27,7 @@ receivers), so ``pyproject.toml`` pins waitress to the 3.0 series and
 from __future__ import annotations
 
 import collections
+import json
 import socket
 import threading
 import time
@@ -34,10 +35,11 @@ from typing import Any
 
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
+from waitress.task import ErrorTask
 
 from dais_core.errors import DaisError, IncompleteBody, RequestTimeout, TooLarge
 
-__all__ = ["BodyPipe", "StreamingChannel", "StreamingParser"]
+__all__ = ["BodyPipe", "JsonErrorTask", "StreamingChannel", "StreamingParser"]
 
 #: Bytes a pipe holds before the event loop stops reading the socket.
 PIPE_HIGH_WATER = 4 * 2**20
@@ -250,10 +252,39 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
             raise ParsingError("both Content-Length and Transfer-Encoding were sent")
 
 
+_ERROR_CODES = {
+    400: "invalid_data",
+    413: "too_large",
+    431: "headers_too_large",
+    501: "not_implemented",
+}
+
+
+class JsonErrorTask(ErrorTask):  # type: ignore[misc]
+    """Answer the requests waitress refuses itself (bad framing, huge headers)
+    with the same small JSON error body as the application's own errors."""
+
+    def execute(self) -> None:
+        """Write the error as JSON and close the connection after it."""
+        error = self.request.error
+        body = json.dumps(
+            {
+                "error": _ERROR_CODES.get(error.code, "internal_error"),
+                "message": f"{error.reason}: {error.body}",
+            }
+        ).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
 class StreamingChannel(HTTPChannel):  # type: ignore[misc]
     """A waitress channel that streams request bodies to the application."""
 
     parser_class = StreamingParser
+    error_task_class = JsonErrorTask
     request: StreamingParser | None
     requests: list[StreamingParser]
     will_close: bool

@@ -375,7 +375,25 @@ class TestSmugglingAndOverrides:
             while chunk := sock.recv(4096):
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 400")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/json" in head
+        assert json.loads(body)["error"] == "invalid_data"
         assert upstream.calls == []
+
+    def test_oversized_headers_get_a_json_error(self, gateway):
+        """What waitress refuses itself is answered in the same JSON shape."""
+        port = int(gateway.url.rsplit(":", 1)[1])
+        # Just over waitress' 256 KiB of headers, and no more: the server has
+        # read everything sent when it answers, so it closes without a reset.
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 262_200
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"431"
+        assert json.loads(body)["error"] == "headers_too_large"
 
     def test_method_override_headers_are_dropped(self, http, gateway, upstream):
         """A POST-only key cannot ask the upstream for DELETE through a header."""
