@@ -43,6 +43,7 @@ from dais_core.rules import Location
 from dais_core.usecases import publish
 from dais_core.values import Grant
 from tests import strategies
+from tests.refusing import RefusingStorage
 
 MiB = 1024 * 1024
 #: The smallest part S3 allows: a few megabytes make several parts.
@@ -326,38 +327,6 @@ class TestStorageContract:
         assert harness.read(where) == data
 
 
-class _RefusingCommit:
-    """A staged copy whose commit fails, as a broken disk would."""
-
-    def __init__(self, staged: StagedWrite) -> None:
-        self.staged = staged
-
-    def write(self, chunk: bytes) -> None:
-        self.staged.write(chunk)
-
-    def commit(self) -> None:
-        raise PublishFailed("the disk refused")
-
-    def abort(self) -> None:
-        self.staged.abort()
-
-    def rollback(self) -> None:
-        self.staged.rollback()
-
-    def release(self) -> None:
-        self.staged.release()
-
-
-class _RefusingStorage:
-    """A storage whose copies all fail to commit."""
-
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
-
-    def stage(self, location: Location) -> StagedWrite:
-        return _RefusingCommit(self.storage.stage(location))
-
-
 def _hooked_storages(root: Path) -> dict[str, Storage]:
     storages: dict[str, Storage] = {}
     context = StorageContext(root)
@@ -434,7 +403,7 @@ class TestPublishAcrossStorages:
         target = map_resource([grant], "in/data.bin")
         s3.put_object(Bucket=bucket, Key="in/data.bin", Body=b"old content")
         storages = _hooked_storages(tmp_path)
-        storages["filemanager"] = _RefusingStorage(storages["filemanager"])
+        storages["filemanager"] = RefusingStorage(storages["filemanager"])
 
         with pytest.raises(PublishFailed) as failed:
             publish(

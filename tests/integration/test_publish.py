@@ -15,11 +15,10 @@ import urllib3
 
 from dais_adapters.hooks import StorageContext, hookimpl
 from dais_adapters.localfs import LocalFolderStorage
-from dais_core.errors import PublishFailed
-from dais_core.rules import Location
 from dais_core.values import DataType
 from tests.integration.conftest import FAST, Gateway
 from tests.integration.test_streaming import MiB, connect, raw_upload_head
+from tests.refusing import RefusingStorage
 
 pytestmark = pytest.mark.integration
 
@@ -50,38 +49,15 @@ def raw_post(
     )
 
 
-class _RefusingCommit:
-    def __init__(self, staged: Any) -> None:
-        self.staged = staged
-
-    def write(self, chunk: bytes) -> None:
-        self.staged.write(chunk)
-
-    def commit(self) -> None:
-        raise PublishFailed("the disk refused the rename")
-
-    def abort(self) -> None:
-        self.staged.abort()
-
-    def rollback(self) -> None:
-        self.staged.rollback()
-
-    def release(self) -> None:
-        self.staged.release()
-
-
-class RefusingStorage:
-    """A plugin storage (``refusing://``) that stages fine and fails to commit."""
+class RefusingPlugin:
+    """A plugin serving ``refusing://``: a local folder whose commits fail."""
 
     def __init__(self, root: Path) -> None:
-        self.inner = LocalFolderStorage(root)
-
-    def stage(self, location: Location) -> _RefusingCommit:
-        return _RefusingCommit(self.inner.stage(location))
+        self.storage = RefusingStorage(LocalFolderStorage(root))
 
     @hookimpl
     def dais_storages(self, context: StorageContext) -> dict[str, Any]:
-        return {"refusing": self}
+        return {"refusing": self.storage}
 
 
 class TestAllOrNothing:
@@ -92,7 +68,7 @@ class TestAllOrNothing:
     ):
         """The 500 lists each outcome and the first location keeps its old file."""
         gateway = start_gateway(
-            plugins=(RefusingStorage(tmp_path / "refusing"),), **FAST
+            plugins=(RefusingPlugin(tmp_path / "refusing"),), **FAST
         )
         _, plain = gateway.make_key(grants=(("x", ("filemanager://p1/a/x",), BINARY),))
         _, both = gateway.make_key(
