@@ -112,7 +112,8 @@ class Urllib3Forwarder:
                 assert_same_host=False,
             )
             _discard(response)
-        log.debug("%s %s -> %d", request.method, request.url, response.status)
+        # The query may carry the caller's data: the log gets the path only.
+        log.debug("%s %s -> %d", request.method, url.path, response.status)
         return response.status
 
 

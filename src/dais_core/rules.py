@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import attrs
@@ -22,6 +23,7 @@ __all__ = [
     "MAX_LINEAGE_VERSION",
     "MAX_TIME",
     "check_lineage_version",
+    "check_methods",
     "check_name",
     "check_service_url",
     "check_time",
@@ -68,6 +70,23 @@ def check_name(value: str, what: str) -> str:
             "starting with a letter or digit"
         )
     return value
+
+
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
+
+
+def check_methods(methods: Iterable[str]) -> frozenset[str]:
+    """Return HTTP methods, upper case, if each is an RFC 9110 token.
+
+    Raises:
+        InvalidData: A method is empty or has other characters.
+    """
+    checked = set()
+    for method in methods:
+        if not _METHOD.fullmatch(method):
+            raise InvalidData(f"{method!r} is not an HTTP method")
+        checked.add(method.upper())
+    return frozenset(checked)
 
 
 def check_lineage_version(value: int) -> int:

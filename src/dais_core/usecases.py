@@ -305,12 +305,13 @@ class _Publication:
                 self.states[index] = "failed"
                 self.abort()
                 self.rollback(index)
-                raise self.fail(
-                    index,
-                    exc,
+                message = (
                     "a storage location failed while committing; the locations "
-                    "committed before it were rolled back",
-                ) from exc
+                    "committed before it were rolled back"
+                    if index
+                    else _NOTHING_CHANGED
+                )
+                raise self.fail(index, exc, message) from exc
             self.states[index] = "committed"
         for copy in self.staged:
             with contextlib.suppress(DaisError):

@@ -29,6 +29,7 @@ from dais_core.errors import InvalidData, NotFound
 from dais_core.keys import ADMIN_PREFIX, new_key
 from dais_core.rules import (
     check_lineage_version,
+    check_methods,
     check_name,
     check_resource_id,
     check_service_url,
@@ -318,7 +319,7 @@ def _permission(body: PermissionBody) -> Permission:
         check_name(body.project, "project"),
         check_name(body.service, "service"),
         normalise_prefix(body.prefix),
-        frozenset(m.upper() for m in body.methods),
+        check_methods(body.methods),
     )
 
 

@@ -166,24 +166,42 @@ class AccessLog:
 
 
 def _expected_digest(req: falcon.Request) -> str | None:
+    """Return the SHA-256 the client announced, hex, if it announced one.
+
+    ``Content-Digest`` (RFC 9530, ``sha-256`` only; other algorithms are not
+    checked) and ``X-Checksum-SHA256`` are both read; when both are sent
+    they must agree.
+    """
+    announced = {
+        digest
+        for digest in (_content_digest(req), _checksum_header(req))
+        if digest is not None
+    }
+    if len(announced) > 1:
+        raise InvalidData("Content-Digest and X-Checksum-SHA256 disagree")
+    return announced.pop() if announced else None
+
+
+def _content_digest(req: falcon.Request) -> str | None:
     header = req.get_header("Content-Digest")
-    if header:
-        for item in header.split(","):
-            name, _, value = item.strip().partition("=")
-            if name.strip().lower() == "sha-256":
-                try:
-                    return base64.b64decode(
-                        value.strip().strip(":"), validate=True
-                    ).hex()
-                except ValueError:
-                    raise InvalidData("Content-Digest sha-256 is not base64") from None
-    plain = req.get_header("X-Checksum-SHA256")
-    if plain:
-        try:
-            return bytes.fromhex(plain.strip()).hex()
-        except ValueError:
-            raise InvalidData("X-Checksum-SHA256 is not hexadecimal") from None
+    for item in (header or "").split(","):
+        name, _, value = item.strip().partition("=")
+        if name.strip().lower() == "sha-256":
+            try:
+                return base64.b64decode(value.strip().strip(":"), validate=True).hex()
+            except ValueError:
+                raise InvalidData("Content-Digest sha-256 is not base64") from None
     return None
+
+
+def _checksum_header(req: falcon.Request) -> str | None:
+    plain = req.get_header("X-Checksum-SHA256")
+    if not plain:
+        return None
+    try:
+        return bytes.fromhex(plain.strip()).hex()
+    except ValueError:
+        raise InvalidData("X-Checksum-SHA256 is not hexadecimal") from None
 
 
 def _file_chunks(form: MultipartForm) -> Iterator[bytes]:

@@ -85,6 +85,7 @@ class Login:
             return
         if target == "/app/login" and admin.project:
             target = f"/app/{quote(admin.project)}/admin/apikeys"
+        resp.set_headers(_HEADERS)
         resp.set_cookie(
             COOKIE,
             token,
@@ -166,15 +167,16 @@ class ApiKeysPage:
         except Unauthenticated:
             if wants_json:
                 raise
+            resp.set_headers(_HEADERS)
             resp.status = 303
             resp.set_header("Location", "/app/login?next=" + quote(req.path))
             return
         require_project(admin, project)
         keys = [self._item(c) for c in self.store.list_keys(project)]
+        resp.set_headers(_HEADERS)
         if wants_json:
             resp.media = {"project": project, "keys": keys}
             return
-        resp.set_headers(_HEADERS)
         resp.content_type = falcon.MEDIA_HTML
         resp.text = _page(f"API keys of {project}", _render(project, keys))
 

@@ -25,6 +25,7 @@ from dais_core.keys import new_key
 from dais_core.policies import RatePolicy
 from dais_core.rules import (
     check_lineage_version,
+    check_methods,
     check_name,
     check_resource_id,
     check_service_url,
@@ -143,7 +144,7 @@ def _permissions_add(args: argparse.Namespace) -> int:
         check_name(args.project, "project"),
         check_name(args.service, "service"),
         normalise_prefix(args.prefix),
-        frozenset(m.upper() for m in args.method or ()),
+        check_methods(args.method or ()),
     )
     _store(args).add_permission(args.key_id, permission)
     print(

@@ -250,6 +250,8 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
         if self.chunked and "CONTENT_LENGTH" in self.headers:
             self.connection_close = True
             raise ParsingError("both Content-Length and Transfer-Encoding were sent")
+        if self.version == "1.1" and "HOST" not in self.headers:
+            raise ParsingError("an HTTP/1.1 request needs a Host header")
 
 
 _ERROR_CODES = {

@@ -287,3 +287,21 @@ class TestContainment:
         response = post(gateway, token, "x", b"data")
         assert response.status == 500
         assert list(outside.iterdir()) == []
+
+
+class TestDigestHeaders:
+    """Both digest headers are checked, and must agree."""
+
+    def test_disagreeing_digest_headers_are_400(self, gateway):
+        """A right Content-Digest does not excuse a wrong X-Checksum-SHA256."""
+        _, token = gateway.make_key(grants=(("x", ("filemanager://p1/x",), BINARY),))
+        good = base64.b64encode(hashlib.sha256(b"abc").digest()).decode()
+        response = post(
+            gateway,
+            token,
+            "x",
+            b"abc",
+            **{"Content-Digest": f"sha-256=:{good}:", "X-Checksum-SHA256": "00" * 32},
+        )
+        assert response.status == 400
+        assert not (gateway.filemanager / "p1/x").exists()

@@ -15,6 +15,7 @@ from dais_core.rules import (
     MAX_ROUTE_LENGTH,
     Location,
     check_lineage_version,
+    check_methods,
     check_name,
     check_resource_id,
     check_service_url,
@@ -462,3 +463,17 @@ class TestAdminInputs:
         """Times every presentation can show are the only ones stored."""
         with pytest.raises(InvalidData):
             check_time(value)
+
+
+class TestMethods:
+    """Permission methods are HTTP tokens."""
+
+    def test_methods_are_upper_cased_tokens(self):
+        """Tokens pass, upper-cased."""
+        assert check_methods(["post", "PURGE"]) == frozenset({"POST", "PURGE"})
+
+    @pytest.mark.parametrize("method", ["", "g e t", "GET\r\n", "a" * 33])
+    def test_other_methods_are_refused(self, method):
+        """Empty, spaced or control-laden methods are refused."""
+        with pytest.raises(InvalidData):
+            check_methods([method])
