@@ -10,12 +10,12 @@ from __future__ import annotations
 import html
 import re
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import falcon
 
 from dais_core.admin import authenticate_admin, require_project
-from dais_core.errors import InvalidData, Unauthenticated
+from dais_core.errors import Forbidden, InvalidData, Unauthenticated
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.present import credential_json, iso
 
@@ -27,7 +27,9 @@ _HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer browsers post forms with
+    # "Origin: null", and the login checks the origin.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
 }
@@ -71,7 +73,12 @@ class Login:
         _form(resp, _safe_next(req.get_param("next")), "")
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Check the token; on success, set the cookie and go on."""
+        """Check the token; on success, set the cookie and go on.
+
+        A browser posting from another site's page (its ``Origin`` is not
+        this host) is refused, so no page elsewhere can log a visitor in.
+        """
+        _same_origin(req)
         form = req.get_media()
         if not isinstance(form, dict):
             raise InvalidData("send the login form")
@@ -106,6 +113,15 @@ class Logout:
         resp.unset_cookie(COOKIE, path="/app/")
         resp.status = 303
         resp.set_header("Location", "/app/login")
+
+
+def _same_origin(req: falcon.Request) -> None:
+    origin = req.get_header("Origin")
+    if origin is None:
+        return
+    parts = urlsplit(origin)
+    if parts.netloc != req.get_header("Host"):
+        raise Forbidden("the login form was posted from another site")
 
 
 def _form(resp: falcon.Response, target: str, problem: str) -> None:

@@ -372,3 +372,18 @@ class TestProjectArea:
         assert "the admin token is malformed" in text
         assert "<form method=post" in text
         assert "Set-Cookie" not in login.headers
+
+    def test_a_login_posted_from_another_site_is_refused(self, gateway):
+        """A foreign Origin cannot log a browser in (login CSRF)."""
+        lead = project_admin(gateway, "p1")
+        http = urllib3.PoolManager(retries=False)
+        login = http.request(
+            "POST",
+            f"{gateway.url}/app/login",
+            fields={"token": lead.token, "next": "/app/p1/admin/apikeys"},
+            headers={"Origin": "https://elsewhere.example"},
+            encode_multipart=False,
+            redirect=False,
+        )
+        assert login.status == 403
+        assert "Set-Cookie" not in login.headers
