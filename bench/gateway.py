@@ -283,7 +283,9 @@ def dais_cli(home: Path, *args: str) -> str:
     return done.stdout
 
 
-def start_gateway(procs: Processes, home: Path, upstream: int) -> tuple[int, str]:
+def start_gateway(
+    procs: Processes, home: Path, upstream: int, workers: int = 1
+) -> tuple[int, str]:
     """Set up a key, a permission and a service, then serve; return port, key."""
     made = json.loads(
         dais_cli(
@@ -319,6 +321,9 @@ def start_gateway(procs: Processes, home: Path, upstream: int) -> tuple[int, str
     argv = [sys.executable, "-m", "dais_wsgi.cli", "--home", str(home)]
     # One key drives every connection: lift the per-key cap on calls in flight.
     argv += ["serve", "--host", HOST, "--port", "0", "--gateway-in-flight", "0"]
+    if workers > 1:
+        # Several processes share one throttle in Redis (127.0.0.1:6379).
+        argv += ["--workers", str(workers), "--throttle", "redis://127.0.0.1:6379/0"]
     proc = procs.start("gateway", argv, env=gateway_env())
     line = first_line(proc, START_TIMEOUT)
     if not line:
@@ -651,7 +656,9 @@ def http_part(
         time_cap=args.time_cap,
     )
     upstream = start_upstream(procs, load.status)
-    gateway, token = start_gateway(procs, workdir / "gateway", upstream)
+    gateway, token = start_gateway(
+        procs, workdir / "gateway", upstream, args.gateway_workers
+    )
     targets = [("direct", upstream, ROUTE), ("gateway", gateway, GATEWAY_PATH)]
     nginx_note = "not run (--no-nginx)"
     if not args.no_nginx:
@@ -1144,6 +1151,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="what the upstream answers: 204 (default) or 200 with Content-Length: 0",
     )
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx path")
+    parser.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="gateway processes (serve --workers; >1 needs Redis on 127.0.0.1)",
+    )
     parser.add_argument(
         "--decisions",
         type=int,

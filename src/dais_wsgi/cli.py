@@ -10,6 +10,8 @@ import argparse
 import json
 import logging
 import os
+import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -234,24 +236,42 @@ def _plain(instance: Any, field: Any, value: Any) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     from dais_wsgi.server import make_server
+    from dais_wsgi.workers import serve_workers
 
+    if args.workers > 1:
+        return serve_workers(_settings(args), args.argv, args.workers)
     runtime = bootstrap(_settings(args))
+    sockets = []
+    if args.listen_fd is not None:
+        sockets = [socket.socket(fileno=args.listen_fd)]
     try:
-        server = make_server(runtime)
+        server = (
+            make_server(runtime, sockets=sockets) if sockets else make_server(runtime)
+        )
     except OSError as exc:
         runtime.close()
         raise InvalidData(
             f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
         ) from exc
     print(f"dais gateway on http://{args.host}:{server.effective_port}", flush=True)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         server.run()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped):
         pass
     finally:
         server.close()
         runtime.close()
     return 0
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGINT reached ``serve``: stop cleanly."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -384,6 +404,14 @@ def _parser() -> argparse.ArgumentParser:
             help="webhook calls a key may have in flight at once (0: no cap)",
         )
         command.add_argument("--trust-forwarded", action="store_true")
+        if name == "serve":
+            command.add_argument(
+                "--workers",
+                type=int,
+                default=1,
+                help="gateway processes sharing the port (needs --throttle redis://)",
+            )
+            command.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
         command.add_argument(
             "--throttle",
             help="throttle state URL: memory:// or redis://host:port/db "
@@ -401,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code: int = args.run(args)
     except DaisError as exc:

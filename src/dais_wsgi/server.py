@@ -52,6 +52,9 @@ def make_server(runtime: Runtime, **overrides: Any) -> Any:
         "ident": "dais",
     }
     options.update(overrides)
+    if options.get("sockets"):
+        # An inherited listening socket (serve --workers): no address to bind.
+        del options["host"], options["port"]
     server = create_server(create_app(runtime), **options)
     server.channel_class = StreamingChannel
     server.dais_request_timeout = settings.request_timeout

@@ -365,3 +365,81 @@ class TestAdminsCommand:
         )
         assert done.returncode == 2
         assert "--project" in done.stderr
+
+
+class TestWorkers:
+    """``serve --workers N`` runs N processes on one port, one throttle."""
+
+    def test_two_workers_share_the_port_and_the_throttle(self, tmp_path):
+        """Uploads through either worker count against one rate; SIGTERM stops all."""
+        home = tmp_path / "home"
+        created = json.loads(run(home, "keys", "create", "--project", "p1", "--json"))
+        run(
+            home,
+            "grants",
+            "add",
+            created["id"],
+            "--resource",
+            "x",
+            "--to",
+            "filemanager://p1/x",
+        )
+        process = subprocess.Popen(
+            [
+                COMMAND,
+                "--home",
+                str(home),
+                "serve",
+                "--port",
+                "0",
+                "--workers",
+                "2",
+                "--throttle",
+                "redis://127.0.0.1:6379/0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert line.endswith("(2 workers)\n"), line
+            base = line.split()[3]
+            http = urllib3.PoolManager(retries=False)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if http.request("GET", f"{base}/healthz").status == 200:
+                        break
+                except urllib3.exceptions.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "the workers never answered"
+                time.sleep(0.1)
+            statuses = [
+                http.request(
+                    "POST",
+                    f"{base}/integration/v1/resources/x",
+                    fields={"data": ("x", b"x", "application/octet-stream")},
+                    headers={
+                        "Authorization": f"Bearer {created['key']}",
+                        "Connection": "close",
+                    },
+                ).status
+                for _ in range(4)
+            ]
+            assert statuses.count(200) == 1 and statuses.count(429) == 3, statuses
+        finally:
+            os.kill(process.pid, signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+
+    def test_workers_without_a_shared_throttle_are_refused(self, tmp_path):
+        """Several workers with the in-process throttle would admit N per second."""
+        done = subprocess.run(
+            [COMMAND, "--home", str(tmp_path / "home"), "serve", "--workers", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2
+        assert "shared throttle" in done.stderr
