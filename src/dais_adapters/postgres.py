@@ -12,9 +12,10 @@ gateway process.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -26,7 +27,7 @@ from dais_adapters.cache import SERVICES_PREFIX
 from dais_adapters.hooks import hookimpl
 from dais_core.errors import InvalidData, Unavailable
 
-__all__ = ["CHANNEL", "KeyChangeListener", "PostgresStore"]
+__all__ = ["CHANNEL", "KeyChangeListener", "PgCommitLocks", "PostgresStore"]
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,50 @@ class PostgresStore(SqlStore):
                 db.execute("INSERT INTO dais_schema (version) VALUES (%s)", (number,))
                 log.debug("migrated the PostgreSQL store to schema %d", number)
 
+    def commit_locks(self) -> PgCommitLocks:
+        """Return commit locks that hold across every process on this database."""
+        return PgCommitLocks(self.pool)
+
     def listener(
         self, on_change: Callable[[str], None], on_state: Callable[[bool], None]
     ) -> KeyChangeListener:
         """Return a listener for key changes made by any process."""
         return KeyChangeListener(self.url, on_change, on_state)
+
+
+def _lock_key(name: str) -> int:
+    # A signed 64-bit key for pg_advisory_lock, from the name's SHA-256.
+    return int.from_bytes(
+        hashlib.sha256(name.encode()).digest()[:8], "big", signed=True
+    )
+
+
+class PgCommitLocks:
+    """Session advisory locks, so that of two gateways publishing the same
+    locations one commits after the other, everywhere.
+
+    Each hold takes a pooled connection for its duration and the locks in a
+    fixed order, so two holders never wait on each other in a cycle.
+    """
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    @contextlib.contextmanager
+    def hold(self, names: Iterable[str]) -> Iterator[None]:
+        """Hold the advisory locks of ``names`` for the duration of the block.
+
+        Raises:
+            Unavailable: The database could not be reached for the locks.
+        """
+        keys = sorted({_lock_key(name) for name in names})
+        with _translated(), self.pool.connection() as connection:
+            try:
+                for key in keys:
+                    connection.execute("SELECT pg_advisory_lock(%s)", (key,))
+                yield
+            finally:
+                connection.execute("SELECT pg_advisory_unlock_all()")
 
 
 class KeyChangeListener:

@@ -31,6 +31,7 @@ from dais_core.errors import (
 from dais_core.gateway import GatewayCall, parse_gateway_path, upstream_headers
 from dais_core.keys import NewKey, hash_secret, new_key, parse_token
 from dais_core.policies import (
+    ChainedLocks,
     ConcurrencyCap,
     Decision,
     KeyedLocks,
@@ -44,6 +45,7 @@ from dais_core.policies import (
 )
 from dais_core.ports import (
     Clock,
+    CommitLocks,
     Forwarder,
     ForwardRequest,
     Inspector,
@@ -126,6 +128,7 @@ __all__ = [
     "new_key",
     "parse_token",
     # policies
+    "ChainedLocks",
     "ConcurrencyCap",
     "Decision",
     "KeyedLocks",
@@ -139,6 +142,7 @@ __all__ = [
     "resolve_endpoint",
     # ports
     "Clock",
+    "CommitLocks",
     "ForwardRequest",
     "Forwarder",
     "Inspector",

@@ -14,11 +14,12 @@ from collections.abc import Iterable, Iterator, Sequence
 import attrs
 
 from dais_core.errors import Forbidden, NotFound, Throttled, UnauthorisedPublish
-from dais_core.ports import Clock, ThrottleState
+from dais_core.ports import Clock, CommitLocks, ThrottleState
 from dais_core.rules import Location, is_under, parse_location
 from dais_core.values import Grant, Permission, ServiceEndpoint
 
 __all__ = [
+    "ChainedLocks",
     "ConcurrencyCap",
     "Decision",
     "KeyedLocks",
@@ -281,6 +282,26 @@ class KeyedLocks:
                 self._locks[name] = (lock, users - 1)
             else:
                 del self._locks[name]
+
+
+class ChainedLocks:
+    """Hold several lock services' locks, in order (in-process first).
+
+    Args:
+        *chain: Lock services, each with ``hold(names)``.
+    """
+
+    def __init__(self, *chain: CommitLocks) -> None:
+        self.chain = chain
+
+    @contextlib.contextmanager
+    def hold(self, names: Iterable[str]) -> Iterator[None]:
+        """Hold ``names`` in every lock service of the chain."""
+        ordered = sorted(set(names))
+        with contextlib.ExitStack() as stack:
+            for locks in self.chain:
+                stack.enter_context(locks.hold(ordered))
+            yield
 
 
 class ConcurrencyCap:

@@ -7,7 +7,8 @@ serve the core's unit tests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Clock",
+    "CommitLocks",
     "ForwardRequest",
     "Forwarder",
     "Inspector",
@@ -95,6 +97,14 @@ class StagedWrite(Protocol):
 
     def release(self) -> None:
         """After every location committed, forget what rollback would need."""
+        ...
+
+
+class CommitLocks(Protocol):
+    """Locks by name, held while a publish commits its locations."""
+
+    def hold(self, names: Iterable[str]) -> AbstractContextManager[None]:
+        """Hold the locks of ``names`` for the duration of the block."""
         ...
 
 

@@ -25,12 +25,18 @@ from dais_core.errors import (
 from dais_core.gateway import GatewayCall, parse_gateway_path, upstream_url
 from dais_core.keys import parse_token, secret_matches
 from dais_core.policies import (
-    KeyedLocks,
     Target,
     require_permission,
     resolve_endpoint,
 )
-from dais_core.ports import Inspector, KeyStore, ServiceRegistry, StagedWrite, Storage
+from dais_core.ports import (
+    CommitLocks,
+    Inspector,
+    KeyStore,
+    ServiceRegistry,
+    StagedWrite,
+    Storage,
+)
 from dais_core.rules import Location, is_under
 from dais_core.values import Credential, Permission, ServiceEndpoint
 
@@ -339,7 +345,7 @@ def publish(
     max_size: int,
     expected_sha256: str | None = None,
     inspector: Inspector | None = None,
-    locks: KeyedLocks | None = None,
+    locks: CommitLocks | None = None,
 ) -> PublishResult:
     """Stream a file into a staged copy at every location, then commit all.
 
@@ -372,6 +378,12 @@ def publish(
     run.stage()
     size, digest = run.stream(chunks, max_size, expected_sha256, inspector)
     uris = tuple(location.uri for location in target.locations)
-    with locks.hold(uris) if locks is not None else contextlib.nullcontext():
-        run.commit()
+    try:
+        with locks.hold(uris) if locks is not None else contextlib.nullcontext():
+            run.commit()
+    except DaisError:
+        # The locks could not be had (a shared lock service down): nothing
+        # was committed, so every staged copy goes.
+        run.abort()
+        raise
     return PublishResult(resource_id, size, digest, uris)

@@ -18,9 +18,10 @@ from dais_adapters.cache import (
 )
 from dais_adapters.hooks import ForwarderOptions, StorageContext, plugin_manager
 from dais_core.errors import InvalidData
-from dais_core.policies import ConcurrencyCap, KeyedLocks, Throttler
+from dais_core.policies import ChainedLocks, ConcurrencyCap, KeyedLocks, Throttler
 from dais_core.ports import (
     Clock,
+    CommitLocks,
     Forwarder,
     Inspector,
     KeyStore,
@@ -82,7 +83,7 @@ class Runtime:
     uploads_in_flight: ConcurrencyCap
     gateway_in_flight: ConcurrencyCap
     inspector: Inspector
-    commit_locks: KeyedLocks
+    commit_locks: CommitLocks
     hooks: Any
     records: BatchRecorder
     admin: Any = None
@@ -93,6 +94,15 @@ class Runtime:
         if self.listener is not None:
             self.listener.stop()
         self.records.stop()
+
+
+def _commit_locks(store: Any) -> CommitLocks:
+    # In-process locks first, so threads of one process queue here rather
+    # than on the database; then the store's own, if it spans processes.
+    shared = getattr(store, "commit_locks", None)
+    if callable(shared):
+        return ChainedLocks(KeyedLocks(), shared())
+    return KeyedLocks()
 
 
 class _Changes:
@@ -199,7 +209,7 @@ def bootstrap(
         uploads_in_flight=ConcurrencyCap(settings.uploads_in_flight),
         gateway_in_flight=ConcurrencyCap(settings.gateway_in_flight),
         inspector=Inspectors([i for found in hook.dais_inspectors() for i in found]),
-        commit_locks=KeyedLocks(),
+        commit_locks=_commit_locks(store),
         hooks=hook,
         records=records,
         admin=store,

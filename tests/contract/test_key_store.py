@@ -388,3 +388,38 @@ class TestRegistryCache:
         assert cache.endpoints("p1") == ()
         now[0] = 1.5
         assert len(cache.endpoints("p1")) == 1
+
+
+class TestCommitLocks:
+    """Commit locks on PostgreSQL hold across processes (here: two pools)."""
+
+    def test_the_same_names_wait_and_other_names_do_not(self, pg_url):
+        """A second holder of a name waits for the first; another name passes."""
+        first, second = (
+            PostgresStore(pg_url, pool_size=2),
+            PostgresStore(pg_url, pool_size=2),
+        )
+        held = threading.Event()
+        release = threading.Event()
+
+        def hold_a_while() -> None:
+            with first.commit_locks().hold(["filemanager://p1/x", "s3://b/x"]):
+                held.set()
+                release.wait(5)
+
+        holder = threading.Thread(target=hold_a_while)
+        holder.start()
+        try:
+            assert held.wait(5)
+            started = time.monotonic()
+            with second.commit_locks().hold(["filemanager://p1/other"]):
+                assert time.monotonic() - started < 1.0
+            threading.Timer(0.5, release.set).start()
+            with second.commit_locks().hold(["s3://b/x"]):
+                waited = time.monotonic() - started
+            assert waited >= 0.45
+        finally:
+            release.set()
+            holder.join(5)
+            first.close()
+            second.close()

@@ -528,3 +528,32 @@ class TestPublish:
             publish("a.csv", _target(), chunks(), storages, max_size=100)
         assert set(_files(storages).values()) == {b"old"}
         assert _nothing_staged(storages)
+
+
+class TestPublishLocks:
+    """A publish whose commit locks cannot be had changes nothing."""
+
+    def test_unavailable_locks_abort_every_staged_copy(self):
+        """The error passes through and no staged copy is left."""
+        import contextlib
+
+        from dais_core.errors import Unavailable
+        from dais_core.policies import map_resource
+        from dais_core.testing import MemoryStorage
+        from dais_core.usecases import publish
+        from dais_core.values import Grant
+
+        class DownLocks:
+            @contextlib.contextmanager
+            def hold(self, names):
+                raise Unavailable("the lock service is down")
+                yield
+
+        storage = MemoryStorage()
+        target = map_resource([Grant("x", ("mem://a/x", "mem://b/x"))], "x")
+        with pytest.raises(Unavailable):
+            publish(
+                "x", target, [b"data"], {"mem": storage}, max_size=10, locks=DownLocks()
+            )
+        assert storage.files == {}
+        assert storage.staged == set()
