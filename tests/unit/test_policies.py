@@ -213,8 +213,8 @@ class TestMapResource:
         target = map_resource([grant], resource)
         for uri, placed in zip(grant.locations, target.locations, strict=True):
             folder = parse_location(uri)
-            resolved = posixpath.normpath("/root/" + placed.path)
-            assert resolved.startswith(posixpath.normpath("/root/" + folder.path) + "/")
+            resolved = posixpath.normpath("/filemanager/" + placed.path)
+            assert resolved.startswith(posixpath.normpath("/filemanager/" + folder.path) + "/")
             assert (placed.scheme, placed.authority) == (
                 folder.scheme,
                 folder.authority,

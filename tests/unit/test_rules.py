@@ -371,8 +371,8 @@ class TestLocation:
         if accepted is None:
             return
         path = Location("filemanager", "P", folder).join(accepted).path
-        root = "/root/" + folder.rstrip("/")
-        assert posixpath.normpath("/root/" + path).startswith(root.rstrip("/") + "/")
+        root = "/filemanager/" + folder.rstrip("/")
+        assert posixpath.normpath("/filemanager/" + path).startswith(root.rstrip("/") + "/")
 
     def test_join_never_yields_a_sibling_of_a_non_folder_path(self):
         """Joining onto a path without a trailing '/' never lands beside it."""
