@@ -48,7 +48,10 @@ def make_server(runtime: Runtime, **overrides: Any) -> Any:
         # Read the socket in large blocks: uploads are few and large.
         "recv_bytes": 256 * 1024,
         "channel_timeout": 60,
-        "clear_untrusted_proxy_headers": True,
+        # The application decides about forwarding headers: it drops the
+        # caller's, or extends X-Forwarded-For when told to trust the proxy in
+        # front, which waitress would otherwise strip before it sees them.
+        "clear_untrusted_proxy_headers": not settings.trust_forwarded,
         "ident": "dais",
     }
     options.update(overrides)

@@ -450,3 +450,35 @@ class TestPerKeyCap:
             assert slow.result().status == 200
         assert second.status == 429
         assert second.headers["Retry-After"] == "1"
+
+
+class TestForwardingHeaders:
+    """The forwarding chain and the request id."""
+
+    def test_a_trusted_chain_is_extended(self, http, start_gateway, upstream):
+        """Behind a trusted proxy, the caller's X-Forwarded-For is kept and extended."""
+        gateway = start_gateway(trust_forwarded=True)
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/"),))
+        call(
+            http,
+            gateway,
+            token,
+            f"{BASE}/p1/lineage-version/1/svc/x",
+            headers={"X-Forwarded-For": "203.0.113.7"},
+        )
+        assert upstream.calls[-1].headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+
+    def test_a_malformed_request_id_is_replaced(self, http, gateway, upstream, caller):
+        """An id with spaces or too long is not passed on; a fresh one is."""
+        response = call(
+            http,
+            gateway,
+            caller,
+            f"{BASE}/p1/lineage-version/3/svc/api/webhook",
+            headers={"X-Request-Id": "not ok <script>"},
+        )
+        sent = upstream.calls[-1].headers["x-request-id"]
+        assert sent != "not ok <script>"
+        assert sent == response.headers["X-Request-Id"]
+        assert len(sent) == 32

@@ -214,7 +214,9 @@ class TestMapResource:
         for uri, placed in zip(grant.locations, target.locations, strict=True):
             folder = parse_location(uri)
             resolved = posixpath.normpath("/filemanager/" + placed.path)
-            assert resolved.startswith(posixpath.normpath("/filemanager/" + folder.path) + "/")
+            assert resolved.startswith(
+                posixpath.normpath("/filemanager/" + folder.path) + "/"
+            )
             assert (placed.scheme, placed.authority) == (
                 folder.scheme,
                 folder.authority,

@@ -372,7 +372,9 @@ class TestLocation:
             return
         path = Location("filemanager", "P", folder).join(accepted).path
         root = "/filemanager/" + folder.rstrip("/")
-        assert posixpath.normpath("/filemanager/" + path).startswith(root.rstrip("/") + "/")
+        assert posixpath.normpath("/filemanager/" + path).startswith(
+            root.rstrip("/") + "/"
+        )
 
     def test_join_never_yields_a_sibling_of_a_non_folder_path(self):
         """Joining onto a path without a trailing '/' never lands beside it."""
