@@ -258,8 +258,10 @@ _ERROR_CODES = {
     400: "invalid_data",
     413: "too_large",
     431: "headers_too_large",
-    501: "not_implemented",
 }
+# waitress answers an unknown transfer coding with 501; for this service it
+# is a malformed request like any other, so it is a 400.
+_AS_BAD_REQUEST = {501}
 
 
 class JsonErrorTask(ErrorTask):  # type: ignore[misc]
@@ -269,13 +271,16 @@ class JsonErrorTask(ErrorTask):  # type: ignore[misc]
     def execute(self) -> None:
         """Write the error as JSON and close the connection after it."""
         error = self.request.error
+        code, reason = error.code, error.reason
+        if code in _AS_BAD_REQUEST:
+            code, reason = 400, "Bad Request"
         body = json.dumps(
             {
-                "error": _ERROR_CODES.get(error.code, "internal_error"),
-                "message": f"{error.reason}: {error.body}",
+                "error": _ERROR_CODES.get(code, "internal_error"),
+                "message": f"{reason}: {error.body}",
             }
         ).encode()
-        self.status = f"{error.code} {error.reason}"
+        self.status = f"{code} {reason}"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()
         self.content_length = len(body)

@@ -380,6 +380,21 @@ class TestSmugglingAndOverrides:
         assert json.loads(body)["error"] == "invalid_data"
         assert upstream.calls == []
 
+    def test_an_unknown_transfer_coding_is_a_json_400(self, gateway):
+        """waitress' 501 for a coding it does not know is a plain bad request here."""
+        port = int(gateway.url.rsplit(":", 1)[1])
+        request = (
+            b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"400"
+        assert json.loads(body)["error"] == "invalid_data"
+
     def test_oversized_headers_get_a_json_error(self, gateway):
         """What waitress refuses itself is answered in the same JSON shape."""
         port = int(gateway.url.rsplit(":", 1)[1])
