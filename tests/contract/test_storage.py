@@ -160,6 +160,14 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     return S3Harness(s3, request.getfixturevalue("bucket"))
 
 
+def _with_previous(harness: Harness, previous: bytes | None) -> tuple[Location, Any]:
+    """Put ``previous`` (if any) at a location; return it and what is visible."""
+    where = harness.location("data.bin")
+    if previous is not None:
+        harness.put(where, previous)
+    return where, harness.visible()
+
+
 def _stage_and_write(storage: Storage, location: Location, data: bytes) -> StagedWrite:
     staged = storage.stage(location)
     for chunk in _chunks(data):
@@ -194,10 +202,7 @@ class TestStorageContract:
         self, harness: Harness, previous: bytes | None
     ) -> None:
         """Until commit, readers see the previous content and no new name."""
-        where = harness.location("data.bin")
-        if previous is not None:
-            harness.put(where, previous)
-        before = harness.visible()
+        where, before = _with_previous(harness, previous)
 
         staged = _stage_and_write(harness.storage, where, _random_bytes(OVER_A_PART))
 
@@ -210,10 +215,7 @@ class TestStorageContract:
         self, harness: Harness, previous: bytes | None
     ) -> None:
         """An aborted copy leaves the location as it was and no staging behind."""
-        where = harness.location("data.bin")
-        if previous is not None:
-            harness.put(where, previous)
-        before = harness.visible()
+        where, before = _with_previous(harness, previous)
 
         _stage_and_write(harness.storage, where, _random_bytes(OVER_A_PART)).abort()
 
@@ -226,10 +228,7 @@ class TestStorageContract:
         self, harness: Harness, previous: bytes | None
     ) -> None:
         """Rollback puts the old content back, or removes a new name."""
-        where = harness.location("data.bin")
-        if previous is not None:
-            harness.put(where, previous)
-        before = harness.visible()
+        where, before = _with_previous(harness, previous)
 
         _published(harness.storage, where, b"new content").rollback()
 
@@ -297,10 +296,7 @@ class TestStorageContract:
         self, harness: Harness, previous: bytes | None
     ) -> None:
         """A copy dropped without commit or abort changes nothing readers see."""
-        where = harness.location("data.bin")
-        if previous is not None:
-            harness.put(where, previous)
-        before = harness.visible()
+        where, before = _with_previous(harness, previous)
 
         staged = _stage_and_write(harness.storage, where, _random_bytes(OVER_A_PART))
         del staged

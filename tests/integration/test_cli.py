@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,23 +38,35 @@ def run(home: Path, *args: str) -> str:
     return done.stdout
 
 
+@contextlib.contextmanager
+def serving(home: Path, *options: str) -> Iterator[str]:
+    """Run ``dais-gateway serve`` on a free port; yield the line it announces.
+
+    The process is stopped with SIGTERM afterwards and must exit cleanly.
+    """
+    process = subprocess.Popen(
+        [COMMAND, "--home", str(home), "serve", "--port", "0", *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("dais gateway on http://127.0.0.1:"), line
+        yield line
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """``dais-gateway serve`` in a child process on a free port."""
     home = tmp_path / "home"
     run(home, "keys", "list", "--json")
-    process = subprocess.Popen(
-        [COMMAND, "--home", str(home), "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("dais gateway on http://127.0.0.1:"), line
-    yield home, line.split()[-1]
-    os.kill(process.pid, signal.SIGINT)
-    process.wait(timeout=15)
+    with serving(home) as line:
+        yield home, line.split()[3]
 
 
 class TestAdminCommands:
@@ -226,28 +239,8 @@ class TestServe:
         time.sleep(2.5)
         fresh = staging / "4567.part"
         fresh.write_bytes(b"another gateway's upload in flight")
-        process = subprocess.Popen(
-            [
-                COMMAND,
-                "--home",
-                str(home),
-                "serve",
-                "--port",
-                "0",
-                "--request-timeout",
-                "2",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        try:
-            assert process.stdout is not None
-            assert process.stdout.readline().startswith("dais gateway on")
+        with serving(home, "--request-timeout", "2"):
             assert list(staging.iterdir()) == [fresh]
-        finally:
-            os.kill(process.pid, signal.SIGINT)
-            process.wait(timeout=15)
 
 
 class TestExplain:
@@ -384,26 +377,8 @@ class TestWorkers:
             "--to",
             "filemanager://p1/x",
         )
-        process = subprocess.Popen(
-            [
-                COMMAND,
-                "--home",
-                str(home),
-                "serve",
-                "--port",
-                "0",
-                "--workers",
-                "2",
-                "--throttle",
-                "redis://127.0.0.1:6379/0",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        try:
-            assert process.stdout is not None
-            line = process.stdout.readline()
+        throttle = ("--throttle", "redis://127.0.0.1:6379/0")
+        with serving(home, "--workers", "2", *throttle) as line:
             assert line.endswith("(2 workers)\n"), line
             base = line.split()[3]
             http = urllib3.PoolManager(retries=False)
@@ -429,9 +404,6 @@ class TestWorkers:
                 for _ in range(4)
             ]
             assert statuses.count(200) == 1 and statuses.count(429) == 3, statuses
-        finally:
-            os.kill(process.pid, signal.SIGTERM)
-            assert process.wait(timeout=30) == 0
 
     def test_workers_without_a_shared_throttle_are_refused(self, tmp_path):
         """Several workers with the in-process throttle would admit N per second."""

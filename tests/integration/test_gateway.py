@@ -57,6 +57,17 @@ def raw_call(gateway: Gateway, token: str, target: str) -> tuple[int, bytes]:
         connection.close()
 
 
+def exchange(gateway: Gateway, request: bytes) -> bytes:
+    """Send raw bytes and read the answer until the server closes."""
+    port = int(gateway.url.rsplit(":", 1)[1])
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer
+
+
 class TestForwarding:
     """What reaches the upstream, and what the caller gets back."""
 
@@ -361,7 +372,6 @@ class TestSmugglingAndOverrides:
         self, gateway, upstream, caller
     ):
         """Both framings at once: 400, the connection closed, the upstream untouched."""
-        port = int(gateway.url.rsplit(":", 1)[1])
         smuggled = b"GET /api/admin/delete-everything HTTP/1.1\r\nHost: x\r\n\r\n"
         chunk = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
         head = (
@@ -369,11 +379,7 @@ class TestSmugglingAndOverrides:
             f" HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {caller}\r\n"
             "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
         ).encode()
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(head + chunk)
-            answer = b""
-            while chunk := sock.recv(4096):
-                answer += chunk
+        answer = exchange(gateway, head + chunk)
         assert answer.startswith(b"HTTP/1.1 400")
         head, _, body = answer.partition(b"\r\n\r\n")
         assert b"Content-Type: application/json" in head
@@ -382,30 +388,20 @@ class TestSmugglingAndOverrides:
 
     def test_an_unknown_transfer_coding_is_a_json_400(self, gateway):
         """waitress' 501 for a coding it does not know is a plain bad request here."""
-        port = int(gateway.url.rsplit(":", 1)[1])
         request = (
             b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
         )
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(request)
-            answer = b""
-            while chunk := sock.recv(4096):
-                answer += chunk
+        answer = exchange(gateway, request)
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.split()[1] == b"400"
         assert json.loads(body)["error"] == "invalid_data"
 
     def test_oversized_headers_get_a_json_error(self, gateway):
         """What waitress refuses itself is answered in the same JSON shape."""
-        port = int(gateway.url.rsplit(":", 1)[1])
         # Just over waitress' 256 KiB of headers, and no more: the server has
         # read everything sent when it answers, so it closes without a reset.
         request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 262_200
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(request)
-            answer = b""
-            while chunk := sock.recv(4096):
-                answer += chunk
+        answer = exchange(gateway, request)
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.split()[1] == b"431"
         assert json.loads(body)["error"] == "headers_too_large"
