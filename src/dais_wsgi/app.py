@@ -35,11 +35,11 @@ from dais_core.gateway import (
     upstream_headers,
     valid_request_id,
 )
-from dais_core.policies import Decision, RatePolicy, map_resource
+from dais_core.policies import Decision, RatePolicy, Target, Throttler, map_resource
 from dais_core.ports import ForwardRequest
 from dais_core.rules import resource_id_from_target
-from dais_core.usecases import authenticate, authorise_call, publish
-from dais_core.values import ForwardRecord, PublishRecord
+from dais_core.usecases import PublishResult, authenticate, authorise_call, publish
+from dais_core.values import Credential, ForwardRecord, PublishRecord
 from dais_wsgi.admin import add_admin_routes
 from dais_wsgi.area import area_error
 from dais_wsgi.bootstrap import Runtime
@@ -229,6 +229,25 @@ def _file_chunks(form: MultipartForm) -> Iterator[bytes]:
         raise InvalidData("the body has no file part named 'data'")
 
 
+def _authenticated(req: falcon.Request, runtime: Runtime) -> Credential:
+    """Verify the bearer key and name it in the access log."""
+    credential = authenticate(
+        runtime.keys, req.get_header("Authorization"), runtime.clock()
+    )
+    req.context.key_id = credential.key.id
+    return credential
+
+
+def _throttled(
+    req: falcon.Request, resp: falcon.Response, name: str, throttler: Throttler
+) -> None:
+    """Take one request from the key's allowance and say what is left."""
+    req.context.rate = (name, throttler.policy)
+    decision = throttler.check(req.context.key_id)
+    req.context.metrics.throttle.labels(name, "allowed").inc()
+    _rate_headers(resp, name, throttler.policy, decision)
+
+
 def _resource_id(path: str) -> str:
     if not path.startswith(UPLOAD_PREFIX):
         raise InvalidResourceId("the resource id must follow " + UPLOAD_PREFIX)
@@ -249,33 +268,49 @@ class UploadSink:
         req.context.template = "upload"
         if req.method != "POST":
             raise falcon.HTTPMethodNotAllowed(["POST"])
-        runtime, settings = self.runtime, self.runtime.settings
-        credential = authenticate(
-            runtime.keys, req.get_header("Authorization"), runtime.clock()
-        )
-        req.context.key_id = credential.key.id
+        runtime = self.runtime
+        credential = _authenticated(req, runtime)
         resource_id = _resource_id(raw_path(req))
         target = map_resource(credential.grants, resource_id)
-        req.context.rate = ("upload", settings.upload_rate)
-        decision = runtime.upload_throttle.check(credential.key.id)
-        req.context.metrics.throttle.labels("upload", "allowed").inc()
-        _rate_headers(resp, "upload", settings.upload_rate, decision)
+        _throttled(req, resp, "upload", runtime.upload_throttle)
 
+        form = self._form(req)
+        expected = _expected_digest(req)
+        result = self._publish(
+            req, credential.key.id, resource_id, target, form, expected
+        )
+        resp.media = {
+            "resource": result.resource,
+            "size": result.size,
+            "sha256": result.sha256,
+            "locations": list(result.locations),
+        }
+
+    def _form(self, req: falcon.Request) -> MultipartForm:
+        """Check the framing from the headers; return the form to stream."""
+        settings = self.runtime.settings
         boundary = self._boundary(req)
         limit = settings.max_upload_bytes + settings.multipart_overhead
         if req.content_length is not None and req.content_length > limit:
             raise TooLarge(f"the body is over the limit of {limit} bytes")
-        expected = _expected_digest(req)
+        length = req.content_length or limit
         # Falcon reads 32 KiB at a time by default; uploads are large.
-        reader = BufferedReader(
-            req.stream.read, req.content_length or limit, chunk_size=READ_SIZE
-        )
-        form = MultipartForm(
-            reader, boundary, req.content_length or limit, self.options
-        )
+        reader = BufferedReader(req.stream.read, length, chunk_size=READ_SIZE)
+        return MultipartForm(reader, boundary, length, self.options)
 
+    def _publish(
+        self,
+        req: falcon.Request,
+        key_id: str,
+        resource_id: str,
+        target: Target,
+        form: MultipartForm,
+        expected: str | None,
+    ) -> PublishResult:
+        """Publish the form's file under the in-flight cap, and record it."""
+        runtime = self.runtime
         started = time.perf_counter()
-        runtime.uploads_in_flight.acquire(credential.key.id)
+        runtime.uploads_in_flight.acquire(key_id)
         outcome, result = "failed", None
         try:
             result = publish(
@@ -283,7 +318,7 @@ class UploadSink:
                 target,
                 _file_chunks(form),
                 runtime.storages,
-                max_size=settings.max_upload_bytes,
+                max_size=runtime.settings.max_upload_bytes,
                 expected_sha256=expected,
                 inspector=runtime.inspector,
                 locks=runtime.commit_locks,
@@ -294,16 +329,9 @@ class UploadSink:
             outcome = exc.code
             raise
         finally:
-            runtime.uploads_in_flight.release(credential.key.id)
-            self._record(
-                req, credential.key.id, resource_id, target, result, outcome, started
-            )
-        resp.media = {
-            "resource": result.resource,
-            "size": result.size,
-            "sha256": result.sha256,
-            "locations": list(result.locations),
-        }
+            runtime.uploads_in_flight.release(key_id)
+            self._record(req, key_id, resource_id, target, result, outcome, started)
+        return result
 
     def _boundary(self, req: falcon.Request) -> bytes:
         media_type, params = falcon.parse_header(req.content_type or "")
@@ -376,59 +404,60 @@ class GatewaySink:
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
         req.context.template = "gateway"
-        runtime, settings = self.runtime, self.runtime.settings
-        credential = authenticate(
-            runtime.keys, req.get_header("Authorization"), runtime.clock()
-        )
-        req.context.key_id = credential.key.id
+        runtime = self.runtime
+        credential = _authenticated(req, runtime)
         call = parse_gateway_path(raw_path(req))
         route = authorise_call(
             credential, call, req.method, raw_query(req), runtime.registry
         )
         if runtime.gateway_throttle is not None:
-            req.context.rate = ("gateway", runtime.gateway_throttle.policy)
-            decision = runtime.gateway_throttle.check(credential.key.id)
-            req.context.metrics.throttle.labels("gateway", "allowed").inc()
-            _rate_headers(resp, "gateway", runtime.gateway_throttle.policy, decision)
+            _throttled(req, resp, "gateway", runtime.gateway_throttle)
 
-        length = req.content_length
-        if length is not None and length > settings.max_gateway_body:
-            raise TooLarge(
-                f"the body is over the limit of {settings.max_gateway_body} bytes"
-            )
-        chunked = "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
-        body = (
-            _LimitedBody(req.stream, settings.max_gateway_body)
-            if length or chunked
-            else None
+        body = self._body(req)
+        forwarded = ForwardRequest(
+            req.method,
+            route.url,
+            self._headers(req, credential.key.id, call.project),
+            body,
+            req.content_length or None,
         )
-        headers = upstream_headers(
+        started = time.perf_counter()
+        runtime.gateway_in_flight.acquire(credential.key.id)
+        try:
+            status = runtime.forwarder.forward(forwarded)
+        finally:
+            runtime.gateway_in_flight.release(credential.key.id)
+        req.context.metrics.upstream.observe(time.perf_counter() - started)
+
+        resp.status = status
+        resp.set_header("Dais-Lineage-Version", str(route.endpoint.lineage_version))
+        resp.data = b""
+        self._record(req, credential.key.id, call, route, status, started, body)
+
+    def _body(self, req: falcon.Request) -> _LimitedBody | None:
+        """Return the body to stream upstream, refused early if over the limit."""
+        limit = self.runtime.settings.max_gateway_body
+        length = req.content_length
+        if length is not None and length > limit:
+            raise TooLarge(f"the body is over the limit of {limit} bytes")
+        chunked = "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
+        return _LimitedBody(req.stream, limit) if length or chunked else None
+
+    def _headers(
+        self, req: falcon.Request, key_id: str, project: str
+    ) -> tuple[tuple[str, str], ...]:
+        """Return the cleaned caller headers plus the gateway's own."""
+        trusted = self.runtime.settings.trust_forwarded
+        return upstream_headers(
             _caller_headers(req),
             client=req.remote_addr or "",
             proto=req.scheme,
             host=req.host,
             request_id=req.context.request_id,
-            key_id=credential.key.id,
-            project=call.project,
-            trusted_chain=req.get_header("X-Forwarded-For")
-            if settings.trust_forwarded
-            else None,
+            key_id=key_id,
+            project=project,
+            trusted_chain=req.get_header("X-Forwarded-For") if trusted else None,
         )
-        started = time.perf_counter()
-        runtime.gateway_in_flight.acquire(credential.key.id)
-        try:
-            status = runtime.forwarder.forward(
-                ForwardRequest(
-                    req.method, route.url, headers, body, length if length else None
-                )
-            )
-        finally:
-            runtime.gateway_in_flight.release(credential.key.id)
-        req.context.metrics.upstream.observe(time.perf_counter() - started)
-        resp.status = status
-        resp.set_header("Dais-Lineage-Version", str(route.endpoint.lineage_version))
-        resp.data = b""
-        self._record(req, credential.key.id, call, route, status, started, body)
 
     def _record(
         self,
