@@ -354,6 +354,23 @@ class ObjectStorage:
         self._client_factory = client_factory
         self._client: Any = None
         self._lock = threading.Lock()
+        self._buckets: set[str] = set()
+
+    def ping(self) -> None:
+        """Check the buckets this process has written to still answer.
+
+        Before the first upload to object storage there is nothing to check
+        (no bucket is known in advance), so readiness does not depend on S3
+        for a deployment that does not use it.
+
+        Raises:
+            PublishFailed: A bucket in use cannot be reached or listed.
+        """
+        with self._lock:
+            client, buckets = self._client, sorted(self._buckets)
+        for bucket in buckets:
+            with _translated(f"reach s3://{bucket}"):
+                client.list_objects_v2(Bucket=bucket, MaxKeys=1)
 
     def client(self) -> Any:
         """Return the S3 client, building it on first use.
@@ -376,6 +393,8 @@ class ObjectStorage:
         """
         location = _checked(location)
         client = self.client()
+        with self._lock:
+            self._buckets.add(location.authority)
         gate = _CompletionGate(client)
         params = {"client": gate, "min_part_size": self.options.part_size}
         with _translated("start the upload"):

@@ -630,3 +630,18 @@ class TestObjectStorage:
             raise AssertionError("no client may be built")
 
         assert ObjectStorage(client_factory=no_client).sweep() == 0
+
+
+class TestObjectStorageReadiness:
+    """Readiness checks the buckets in use, and nothing before there are any."""
+
+    def test_ping_checks_the_buckets_written_to(self, s3, bucket, tmp_path):
+        """Idle storage is ready; a bucket in use that vanished is not."""
+        storage = _hooked_storages(tmp_path)["s3"]
+        storage.ping()
+        staged = storage.stage(Location("s3", bucket, "ready.bin"))
+        staged.abort()
+        storage.ping()
+        s3.delete_bucket(Bucket=bucket)
+        with pytest.raises(PublishFailed, match="could not reach"):
+            storage.ping()

@@ -25,6 +25,7 @@ class TestHealth:
         assert response.json()["checks"] == {
             "key_store": "ok",
             "storage:filemanager": "ok",
+            "storage:s3": "ok",
         }
 
     def test_readyz_is_503_when_the_file_manager_is_unusable(
