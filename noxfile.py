@@ -31,7 +31,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Type-check src/ with mypy in strict mode."""
-    session.install("-e", ".[all]", "mypy")
+    session.install("-e", ".[all]", "mypy", "types-pycurl")
     session.run("mypy")
 
 

@@ -1,4 +1,4 @@
-"""HTTP forwarder on urllib3: pooled connections, bounded waits.
+"""HTTP forwarder on urllib3: pooled connections, bounded waits, pure Python.
 
 Bodies are streamed: urllib3 reads the caller's body in blocks and sends them
 as they come. The upstream's answer is drained and dropped, since the caller
@@ -49,9 +49,9 @@ def _translated() -> Iterator[None]:
 MAX_DRAINED = 64 * 1024
 
 
-def _discard(response: urllib3.BaseHTTPResponse) -> None:
+def _discard(response: urllib3.BaseHTTPResponse, reuse: bool) -> None:
     remaining = response.length_remaining
-    if remaining is not None and remaining <= MAX_DRAINED:
+    if reuse and remaining is not None and remaining <= MAX_DRAINED:
         try:
             response.drain_conn()
         finally:
@@ -111,13 +111,15 @@ class Urllib3Forwarder:
                 preload_content=False,
                 assert_same_host=False,
             )
-            _discard(response)
+            # An upstream may send a body after a HEAD answer anyway; those
+            # bytes would be read as the next call's answer.
+            _discard(response, reuse=request.method != "HEAD")
         # The query may carry the caller's data: the log gets the path only.
         log.debug("%s %s -> %d", request.method, url.path, response.status)
         return response.status
 
 
 @hookimpl
-def dais_forwarder(options: ForwarderOptions) -> Urllib3Forwarder:
-    """Forward gateway calls with urllib3."""
-    return Urllib3Forwarder(options)
+def dais_forwarder(options: ForwarderOptions) -> Urllib3Forwarder | None:
+    """Forward gateway calls with urllib3, when it is the client asked for."""
+    return Urllib3Forwarder(options) if options.client == "urllib3" else None

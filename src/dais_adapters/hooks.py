@@ -59,6 +59,11 @@ class ForwarderOptions:
     read_timeout: float = 30.0
     #: Pooled connections kept per upstream host.
     pool_size: int = 16
+    #: Seconds a caller's body may take to stream through (the whole
+    #: exchange is capped at connect + read + this, when there is a body).
+    body_timeout: float = 30.0
+    #: The HTTP client: ``curl`` (libcurl through pycurl) or ``urllib3``.
+    client: str = "curl"
 
 
 class Specs:

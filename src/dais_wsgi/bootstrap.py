@@ -174,7 +174,12 @@ def bootstrap(
     context = StorageContext(settings.resolved_filemanager_root)
     for contributed in hook.dais_storages(context=context):
         storages.update(contributed)
-    options = ForwarderOptions(settings.connect_timeout, settings.read_timeout)
+    options = ForwarderOptions(
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        body_timeout=settings.gateway_body_timeout,
+        client=settings.forwarder,
+    )
     store = _first(hook.dais_key_store(url=store_url), "key store", store_url)
     records = BatchRecorder(store, settings.record_interval).start()
     keys = CachedKeyStore(
@@ -202,7 +207,9 @@ def bootstrap(
         keys=keys,
         registry=registry,
         storages=storages,
-        forwarder=_first(hook.dais_forwarder(options=options), "forwarder", "http"),
+        forwarder=_first(
+            hook.dais_forwarder(options=options), "forwarder", settings.forwarder
+        ),
         clock=clock,
         upload_throttle=Throttler(throttle, clock, settings.upload_rate, "upload"),
         gateway_throttle=gateway_throttle,

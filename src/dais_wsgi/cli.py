@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +48,7 @@ from dais_core.values import (
 from dais_wsgi.admin import make_admin
 from dais_wsgi.bootstrap import AdminStore, admin_store, bootstrap
 from dais_wsgi.present import credential_json
-from dais_wsgi.settings import DEFAULT_HOME, Settings
+from dais_wsgi.settings import DEFAULT_HOME, FORWARDERS, Settings
 
 __all__ = ["main"]
 
@@ -85,6 +86,9 @@ def _settings(args: argparse.Namespace) -> Settings:
             "gateway_in_flight": args.gateway_in_flight,
             "gateway_rate": _rate(args.gateway_rate),
             "trust_forwarded": args.trust_forwarded,
+            "forwarder": args.forwarder
+            or os.environ.get("DAIS_FORWARDER")
+            or Settings().forwarder,
         }
         if args.filemanager:
             served["filemanager_root"] = Path(args.filemanager)
@@ -235,7 +239,7 @@ def _plain(instance: Any, field: Any, value: Any) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from dais_wsgi.server import make_server
+    from dais_wsgi.server import make_server, run_until, wake
     from dais_wsgi.workers import serve_workers
 
     if args.workers > 1:
@@ -254,24 +258,19 @@ def _serve(args: argparse.Namespace) -> int:
             f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
         ) from exc
     print(f"dais gateway on http://{args.host}:{server.effective_port}", flush=True)
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.set()
+        wake(server)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
-        server.run()
-    except (KeyboardInterrupt, _Stopped):
-        pass
+        run_until(server, stopping)
     finally:
-        server.close()
         runtime.close()
     return 0
-
-
-class _Stopped(Exception):
-    """SIGTERM or SIGINT reached ``serve``: stop cleanly."""
-
-
-def _stop(signum: int, frame: object) -> None:
-    raise _Stopped
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -404,6 +403,12 @@ def _parser() -> argparse.ArgumentParser:
             help="webhook calls a key may have in flight at once (0: no cap)",
         )
         command.add_argument("--trust-forwarded", action="store_true")
+        command.add_argument(
+            "--forwarder",
+            choices=FORWARDERS,
+            help="HTTP client for webhook calls (default: $DAIS_FORWARDER or "
+            f"{defaults.forwarder})",
+        )
         if name == "serve":
             command.add_argument(
                 "--workers",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -12,7 +13,7 @@ from dais_wsgi.app import create_app
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.streaming import StreamingChannel
 
-__all__ = ["BackgroundServer", "make_server", "sweep_storages"]
+__all__ = ["BackgroundServer", "make_server", "run_until", "sweep_storages", "wake"]
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +98,36 @@ class BackgroundServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, close every connection and wait for the workers."""
         self._stopping.set()
-        self.server.pull_trigger()
+        wake(self.server)
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        server = self.server
-        while not self._stopping.is_set():
-            server.asyncore.loop(
-                timeout=server.adj.asyncore_loop_timeout,
-                map=server._map,
-                use_poll=server.adj.asyncore_use_poll,
-                count=1,
-            )
-        for dispatcher in list(server._map.values()):
-            dispatcher.close()
-        server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+        run_until(self.server, self._stopping)
+
+
+def wake(server: Any) -> None:
+    """Wake the event loop so that it sees a stop at once."""
+    # The loop may have seen the stop already and closed the trigger.
+    with contextlib.suppress(OSError):
+        server.pull_trigger()
+
+
+def run_until(server: Any, stopping: threading.Event) -> None:
+    """Serve until ``stopping`` is set, then close every connection.
+
+    Set ``stopping`` and :func:`wake` the server to stop: that is safe
+    from a signal handler, where raising is not (waitress catches whatever a
+    connection's handler raises, so an exception from a signal landing there
+    would be swallowed and the server would go on). Running requests get up
+    to 5 s to finish.
+    """
+    while not stopping.is_set():
+        server.asyncore.loop(
+            timeout=server.adj.asyncore_loop_timeout,
+            map=server._map,
+            use_poll=server.adj.asyncore_use_poll,
+            count=1,
+        )
+    for dispatcher in list(server._map.values()):
+        dispatcher.close()
+    server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)

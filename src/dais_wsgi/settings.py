@@ -8,7 +8,10 @@ import attrs
 
 from dais_core.policies import RatePolicy
 
-__all__ = ["DEFAULT_HOME", "GiB", "MiB", "Settings"]
+__all__ = ["DEFAULT_HOME", "FORWARDERS", "GiB", "MiB", "Settings"]
+
+#: The HTTP clients a gateway can forward webhook calls with.
+FORWARDERS = ("curl", "urllib3")
 
 MiB = 2**20
 GiB = 2**30
@@ -54,8 +57,14 @@ class Settings:
     gateway_in_flight: int = 4
     #: Seconds to wait for an upstream to accept a connection.
     connect_timeout: float = 5.0
-    #: Seconds to wait for each read of an upstream's answer.
+    #: Seconds to wait for each read of an upstream's answer (``curl``
+    #: counts stalls in whole seconds).
     read_timeout: float = 30.0
+    #: HTTP client for webhook calls: ``curl`` (libcurl, the fastest) or
+    #: ``urllib3`` (pure Python).
+    forwarder: str = attrs.field(
+        default="curl", validator=attrs.validators.in_(FORWARDERS)
+    )
     #: Seconds a verified key is cached while the store announces changes
     #: (PostgreSQL); a revocation reaches every process at once.
     key_cache_ttl: float = 5.0

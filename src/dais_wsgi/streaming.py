@@ -35,11 +35,17 @@ from typing import Any
 
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
-from waitress.task import ErrorTask
+from waitress.task import ErrorTask, WSGITask
 
 from dais_core.errors import DaisError, IncompleteBody, RequestTimeout, TooLarge
 
-__all__ = ["BodyPipe", "JsonErrorTask", "StreamingChannel", "StreamingParser"]
+__all__ = [
+    "BodyPipe",
+    "JsonErrorTask",
+    "KeepAliveTask",
+    "StreamingChannel",
+    "StreamingParser",
+]
 
 #: Bytes a pipe holds before the event loop stops reading the socket.
 PIPE_HIGH_WATER = 4 * 2**20
@@ -287,11 +293,46 @@ class JsonErrorTask(ErrorTask):  # type: ignore[misc]
         self.write(body)
 
 
+class KeepAliveTask(WSGITask):  # type: ignore[misc]
+    """Keep the connection open after an answer that cannot have a body.
+
+    waitress 3.0 closes the connection after every answer without a
+    ``Content-Length``, 204 and 304 included, although those have no body by
+    definition (RFC 9110, section 6.4.1) and must not carry a length. A
+    caller whose service answers 204 would pay a new connection for every
+    webhook call (an open pull request upstream, Pylons/waitress#502).
+    """
+
+    _bodiless_keep = False
+
+    def build_response_header(self) -> bytes:
+        """Build the header; a 1xx, 204 or 304 on HTTP/1.1 keeps the connection."""
+        self._bodiless_keep = (
+            not self.close_on_finish
+            and not self.has_body
+            and self.version == "1.1"
+            and self.request.headers.get("CONNECTION", "").lower() != "close"
+        )
+        try:
+            header: bytes = super().build_response_header()
+        finally:
+            self._bodiless_keep = False
+        return header
+
+    def set_close_on_finish(self) -> None:
+        """Close after this answer, unless it is a bodiless one being kept."""
+        # Inside build_response_header, waitress closes a kept-alive HTTP/1.1
+        # connection for one reason only: the answer has no length.
+        if not self._bodiless_keep:
+            super().set_close_on_finish()
+
+
 class StreamingChannel(HTTPChannel):  # type: ignore[misc]
     """A waitress channel that streams request bodies to the application."""
 
     parser_class = StreamingParser
     error_task_class = JsonErrorTask
+    task_class = KeepAliveTask
     request: StreamingParser | None
     requests: list[StreamingParser]
     will_close: bool

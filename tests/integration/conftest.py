@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import urllib3
-from waitress.server import create_server
 
 from dais_adapters.hooks import plugin_manager
 from dais_core.keys import new_key
@@ -27,81 +26,11 @@ from dais_core.values import (
 from dais_wsgi.bootstrap import AdminStore, Runtime, admin_store, bootstrap
 from dais_wsgi.server import BackgroundServer, make_server
 from dais_wsgi.settings import Settings
+from tests.upstream import Upstream
 
 pytestmark = pytest.mark.integration
 
 FAST = {"upload_rate": None}
-
-
-@attrs.define
-class Call:
-    """One request the upstream received."""
-
-    method: str
-    target: str
-    query: str
-    body: bytes
-    headers: dict[str, str]
-
-
-class Upstream:
-    """A real WSGI service on loopback that records every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[Call] = []
-        self.status = "200 OK"
-        self.delay = 0.0
-        self.drip = 0
-        self.server = create_server(
-            self.app,
-            host="127.0.0.1",
-            port=0,
-            threads=4,
-            clear_untrusted_proxy_headers=False,
-        )
-        self.url = f"http://127.0.0.1:{self.server.effective_port}"
-        self.runner = BackgroundServer(self.server).start()
-
-    def app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        body = environ["wsgi.input"].read()
-        headers = {
-            k[5:].replace("_", "-").lower(): v
-            for k, v in environ.items()
-            if k.startswith("HTTP_")
-        }
-        if environ.get("CONTENT_TYPE"):
-            headers["content-type"] = environ["CONTENT_TYPE"]
-        self.calls.append(
-            Call(
-                environ["REQUEST_METHOD"],
-                environ["REQUEST_URI"],
-                environ.get("QUERY_STRING", ""),
-                body,
-                headers,
-            )
-        )
-        if self.delay:
-            time.sleep(self.delay)
-        if self.drip:
-            start_response(self.status, [("Content-Type", "text/plain")])
-            return self._dripping(self.drip)
-        payload = b'{"secret": "upstream data never reaches the caller"}'
-        start_response(
-            self.status,
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(payload))),
-            ],
-        )
-        return [payload]
-
-    def _dripping(self, count: int) -> Iterator[bytes]:
-        for _ in range(count):
-            time.sleep(0.2)
-            yield b"drip\n"
-
-    def close(self) -> None:
-        self.runner.stop()
 
 
 @attrs.define

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import urllib3
 
-from tests.integration.conftest import Upstream
+from tests.upstream import Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -241,6 +242,73 @@ class TestServe:
         fresh.write_bytes(b"another gateway's upload in flight")
         with serving(home, "--request-timeout", "2"):
             assert list(staging.iterdir()) == [fresh]
+
+
+class TestForwarderChoice:
+    """``serve --forwarder`` picks the HTTP client for webhook calls."""
+
+    @pytest.mark.parametrize(
+        ("forwarder", "agent"), [("curl", None), ("urllib3", "python-urllib3/")]
+    )
+    def test_the_chosen_client_forwards(self, tmp_path, forwarder, agent):
+        """A caller sending no User-Agent shows which client made the call."""
+        home = tmp_path / "home"
+        upstream = Upstream()
+        try:
+            created = json.loads(
+                run(home, "keys", "create", "--project", "p1", "--json")
+            )
+            run(
+                home,
+                "permissions",
+                "add",
+                created["id"],
+                "--project",
+                "p1",
+                "--service",
+                "svc",
+                "--prefix",
+                "/",
+            )
+            run(
+                home,
+                "services",
+                "add",
+                "--project",
+                "p1",
+                "--lineage-version",
+                "1",
+                "--service",
+                "svc",
+                "--url",
+                upstream.url,
+            )
+            with serving(home, "--forwarder", forwarder) as line:
+                host, port = line.split()[3].removeprefix("http://").split(":")
+                connection = http.client.HTTPConnection(host, int(port), timeout=10)
+                connection.request(
+                    "POST",
+                    "/project-gateway/webhooks/p1/lineage-version/1/svc/x",
+                    b"hi",
+                    {"Authorization": f"Bearer {created['key']}"},
+                )
+                assert connection.getresponse().status == 200
+                connection.close()
+        finally:
+            upstream.close()
+        seen = upstream.calls[-1].headers.get("user-agent")
+        assert seen == agent if agent is None else seen.startswith(agent), seen
+
+    def test_an_unknown_client_is_refused(self, tmp_path):
+        """Only the clients that exist can be named."""
+        done = subprocess.run(
+            [COMMAND, "--home", str(tmp_path), "serve", "--forwarder", "wget"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2
+        assert "invalid choice: 'wget'" in done.stderr
 
 
 class TestExplain:

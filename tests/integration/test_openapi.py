@@ -23,7 +23,8 @@ from schemathesis.specs.openapi.checks import (
 from dais_core.admin import Role
 from dais_core.values import DataType
 from dais_wsgi.admin import make_admin
-from tests.integration.conftest import Gateway, Upstream
+from tests.integration.conftest import Gateway
+from tests.upstream import Upstream
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,263 @@
+"""HTTP forwarder on libcurl (pycurl): the default, and the cheapest per call.
+
+A forward is one ``perform()``: libcurl sends the request, streams the body
+from the caller's stream, reads the answer and keeps the connection, all
+without the GIL. urllib3 does the same exchange in many small Python steps,
+each taking the GIL back under contention; in the served gateway that costs
+several times more CPU per call (docs/performance.md).
+
+Each handle keeps its own connection cache, and the forwarder lends handles
+out one per call (a handle is never used by two threads at once), so there
+are at most as many handles as calls in flight.
+
+Timeouts, in libcurl's terms: ``connect_timeout`` bounds the connection;
+``read_timeout`` is a stall limit (less than one byte a second for that many
+seconds, counted in whole seconds); and the whole exchange is capped at
+connect + read (+ the body's own deadline when there is a body), so an
+upstream that drips its answer cannot hold a worker either.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Any
+
+import pycurl
+
+from dais_adapters.hooks import ForwarderOptions, hookimpl
+from dais_core.errors import DaisError, UpstreamTimeout, UpstreamUnreachable
+from dais_core.ports import ForwardRequest, Readable
+
+__all__ = ["CurlForwarder"]
+
+log = logging.getLogger(__name__)
+
+#: Response bodies up to this size are read and dropped so the connection can
+#: be reused; a longer or unsized one is cut off once its headers are in, so a
+#: slow upstream cannot hold a worker by dripping a body nobody will read.
+MAX_DRAINED = 64 * 1024
+
+#: Methods that define a meaning for content: without a body they are sent
+#: with ``Content-Length: 0`` (RFC 9110, section 8.6).
+_CONTENT_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+#: Headers libcurl (and pycurl, naming every library version) would add on
+#: their own; an empty value tells libcurl not to.
+_CURL_DEFAULTS = ("Accept", "Expect", "User-Agent")
+
+_TIMED_OUT = {pycurl.E_OPERATION_TIMEDOUT}
+
+
+class _Exchange:
+    """One call's state, fed by libcurl's callbacks.
+
+    libcurl hands over the answer's header lines one by one and allows no
+    ``getinfo`` while it runs, so the status and the announced length are
+    taken from those lines here.
+    """
+
+    def __init__(self, body: Readable | None, head: bool) -> None:
+        self.body = body
+        self.head = head
+        self.status = 0
+        self.length: int | None = None
+        self.drained = 0
+        self.cut = False
+        self.failure: BaseException | None = None
+
+    def read(self, size: int) -> bytes | int:
+        """Hand libcurl the next block of the caller's body."""
+        assert self.body is not None
+        try:
+            return self.body.read(size)
+        except BaseException as exc:  # re-raised once perform() returns
+            self.failure = exc
+            return pycurl.READFUNC_ABORT
+
+    def header(self, line: bytes) -> int | None:
+        """Note the status and length; cut off a body too long to drain."""
+        name, colon, value = line.partition(b":")
+        if line.startswith(b"HTTP/"):
+            # libcurl has checked the status line: "HTTP/1.1 200 OK".
+            code = line.split(None, 2)[1:2]
+            self.status = int(code[0]) if code and code[0].isdigit() else 0
+            self.length = None
+        elif colon and name.strip().lower() == b"content-length":
+            self.length = int(value.strip()) if value.strip().isdigit() else None
+        elif line.strip() == b"" and self.status >= 200 and self._too_long():
+            self.cut = True
+            return -1
+        return None
+
+    def write(self, data: bytes) -> int | None:
+        """Drop the body's bytes; stop if it runs past what may be drained."""
+        self.drained += len(data)
+        if self.drained > MAX_DRAINED:
+            self.cut = True
+            return -1
+        return None
+
+    def _too_long(self) -> bool:
+        if self.head or self.status in (204, 304):
+            return False
+        return self.length is None or self.length > MAX_DRAINED
+
+
+def _header_lines(request: ForwardRequest) -> list[str]:
+    lines = []
+    present = set()
+    for name, value in request.headers:
+        if any(c in name + value for c in "\r\n\0"):
+            # waitress refuses these on the way in; never let one split a line.
+            continue
+        present.add(name.lower())
+        # libcurl drops "Name:" (empty value) unless it is written "Name;".
+        lines.append(f"{name}: {value}" if value else f"{name};")
+    lines += [f"{name}:" for name in _CURL_DEFAULTS if name.lower() not in present]
+    if request.body is None and request.method in _CONTENT_METHODS:
+        lines.append("Content-Length: 0")
+    return lines
+
+
+class CurlForwarder:
+    """Forward requests through pooled libcurl handles.
+
+    Args:
+        options: Timeouts and the connections each handle keeps.
+    """
+
+    def __init__(self, options: ForwarderOptions) -> None:
+        self.options = options
+        self._idle: list[pycurl.Curl] = []
+        self._lock = threading.Lock()
+        self._stall = max(1, math.ceil(options.read_timeout))
+
+    def forward(self, request: ForwardRequest) -> int:
+        """Send ``request`` upstream and return the status.
+
+        Raises:
+            UpstreamUnreachable: No connection, or it broke.
+            UpstreamTimeout: The upstream was too slow.
+            DaisError: Reading the caller's body failed (too large, cut off).
+        """
+        handle = self._borrow()
+        try:
+            exchange = _Exchange(request.body, head=request.method == "HEAD")
+            self._prepare(handle, request, exchange)
+            self._perform(handle, exchange)
+        except BaseException:
+            handle.close()
+            raise
+        self._give_back(handle)
+        # The query may carry the caller's data: the log gets the method only.
+        log.debug("%s -> %d", request.method, exchange.status)
+        return exchange.status
+
+    def close(self) -> None:
+        """Close every idle handle and its connections."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for handle in idle:
+            handle.close()
+
+    def _borrow(self) -> pycurl.Curl:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self._new_handle()
+
+    def _give_back(self, handle: pycurl.Curl) -> None:
+        with self._lock:
+            self._idle.append(handle)
+
+    def _new_handle(self) -> pycurl.Curl:
+        options = self.options
+        handle = pycurl.Curl()
+        settings: dict[int, Any] = {
+            pycurl.NOSIGNAL: 1,
+            # Only what the registry names: no proxy from the environment,
+            # no other protocol, no redirect, and the path exactly as checked.
+            pycurl.PROXY: "",
+            pycurl.PROTOCOLS: pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS,
+            pycurl.FOLLOWLOCATION: 0,
+            pycurl.PATH_AS_IS: 1,
+            pycurl.MAXCONNECTS: options.pool_size,
+            pycurl.CONNECTTIMEOUT_MS: _ms(options.connect_timeout),
+            pycurl.LOW_SPEED_LIMIT: 1,
+            pycurl.LOW_SPEED_TIME: self._stall,
+        }
+        for option, value in settings.items():
+            handle.setopt(option, value)
+        return handle
+
+    def _prepare(
+        self, handle: pycurl.Curl, request: ForwardRequest, exchange: _Exchange
+    ) -> None:
+        options = self.options
+        limit = options.connect_timeout + options.read_timeout
+        sends = request.body is not None and not exchange.head
+        handle.setopt(pycurl.URL, request.url)
+        handle.setopt(pycurl.HTTPHEADER, _header_lines(request))
+        handle.setopt(pycurl.HEADERFUNCTION, exchange.header)
+        handle.setopt(pycurl.WRITEFUNCTION, exchange.write)
+        # A handle remembers its last call: UPLOAD first, since it resets the
+        # method, then NOBODY (HEAD waits for no body), then the verb itself.
+        handle.setopt(pycurl.UPLOAD, 1 if sends else 0)
+        handle.setopt(pycurl.NOBODY, 1 if exchange.head else 0)
+        handle.setopt(pycurl.CUSTOMREQUEST, request.method)
+        # An upstream may send a body after a HEAD answer anyway; those bytes
+        # would be read as the next call's answer, so the connection goes.
+        handle.setopt(pycurl.FORBID_REUSE, 1 if exchange.head else 0)
+        if not sends:
+            handle.setopt(pycurl.TIMEOUT_MS, _ms(limit))
+            return
+        handle.setopt(pycurl.READFUNCTION, exchange.read)
+        # -1 (no length) makes libcurl send the body chunked.
+        length = request.content_length
+        handle.setopt(pycurl.INFILESIZE_LARGE, -1 if length is None else length)
+        handle.setopt(pycurl.TIMEOUT_MS, _ms(limit + options.body_timeout))
+
+    def _perform(self, handle: pycurl.Curl, exchange: _Exchange) -> None:
+        try:
+            handle.perform()
+        except pycurl.error as exc:
+            error: pycurl.error | None = exc
+        else:
+            error = None
+        failure = exchange.failure
+        if failure is not None:
+            # Reading the caller's body failed: that is the error to report.
+            if isinstance(failure, DaisError):
+                raise failure
+            raise UpstreamUnreachable(
+                "the caller's body could not be sent upstream"
+            ) from failure
+        if error is None or (exchange.cut and exchange.status):
+            # Done, or the answer's body was cut off on purpose.
+            if not exchange.status:
+                raise UpstreamUnreachable("the upstream service sent no answer")
+            return
+        code = error.args[0]
+        if code in _TIMED_OUT:
+            raise UpstreamTimeout(
+                "the upstream service did not answer in time"
+            ) from error
+        raise UpstreamUnreachable(_unreachable(code)) from error
+
+
+def _unreachable(code: object) -> str:
+    if code in (pycurl.E_COULDNT_CONNECT, pycurl.E_COULDNT_RESOLVE_HOST):
+        return "the upstream service is unreachable"
+    return "the upstream service broke the connection"
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+@hookimpl
+def dais_forwarder(options: ForwarderOptions) -> CurlForwarder | None:
+    """Forward gateway calls with libcurl, unless another client is asked for."""
+    return CurlForwarder(options) if options.client == "curl" else None

@@ -1,0 +1,233 @@
+"""The Forwarder port: one contract, run over every HTTP client.
+
+``curl`` is :class:`dais_adapters.curl.CurlForwarder` (libcurl through
+pycurl), ``urllib3`` is :class:`dais_adapters.forwarder.Urllib3Forwarder`.
+Each test sends real requests to a recording waitress upstream on loopback.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from dais_adapters.curl import CurlForwarder
+from dais_adapters.forwarder import Urllib3Forwarder
+from dais_adapters.hooks import ForwarderOptions, plugin_manager
+from dais_core.errors import TooLarge, UpstreamTimeout, UpstreamUnreachable
+from dais_core.ports import Forwarder, ForwardRequest
+from tests.upstream import Upstream
+
+CLIENTS = {"curl": CurlForwarder, "urllib3": Urllib3Forwarder}
+
+Make = Callable[..., Forwarder]
+
+
+@pytest.fixture(params=sorted(CLIENTS))
+def make(request: pytest.FixtureRequest) -> Iterator[Make]:
+    """Build forwarders of one client with the given options."""
+    made: list[Any] = []
+
+    def build(**options: Any) -> Forwarder:
+        forwarder = CLIENTS[request.param](ForwarderOptions(**options))
+        made.append(forwarder)
+        return forwarder
+
+    yield build
+    for forwarder in made:
+        close = getattr(forwarder, "close", None)
+        if callable(close):
+            close()
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    """A recording upstream service on loopback."""
+    service = Upstream()
+    yield service
+    service.close()
+
+
+def send(
+    forwarder: Forwarder,
+    url: str,
+    method: str = "POST",
+    body: bytes | None = b"",
+    *,
+    chunked: bool = False,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> int:
+    stream = None if body is None else io.BytesIO(body)
+    length = None if body is None or chunked else len(body)
+    return forwarder.forward(ForwardRequest(method, url, headers, stream, length))
+
+
+class _Failing:
+    """A caller's body that breaks after its first block."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        if self.reads > 1:
+            raise TooLarge("the body is over the limit of 10 bytes")
+        return b"0123456789"
+
+
+class TestFaithful:
+    """What the caller sent is what the upstream gets."""
+
+    @pytest.mark.parametrize(
+        "method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE"]
+    )
+    def test_method_target_query_and_body_arrive_unchanged(
+        self, make, upstream, method
+    ):
+        """Any method token goes with its raw target, query and body."""
+        target = "/api/a%2Fb/~x?q=%7E&q=a%20b&empty="
+        status = send(make(), upstream.url + target, method, b"payload\x00\xff")
+        call = upstream.calls[-1]
+        assert status == 200
+        assert (call.method, call.target, call.body) == (
+            method,
+            target,
+            b"payload\x00\xff",
+        )
+
+    def test_the_upstream_status_comes_back(self, make, upstream):
+        """A 503 from the upstream is what the forwarder returns."""
+        upstream.status = "503 Service Unavailable"
+        assert send(make(), upstream.url + "/x") == 503
+
+    def test_head_is_forwarded(self, make, upstream):
+        """HEAD goes as HEAD and its answer is not waited on for a body."""
+        assert send(make(), upstream.url + "/x", "HEAD", None) == 200
+        assert upstream.calls[-1].method == "HEAD"
+
+    def test_one_connection_carries_calls_of_different_shapes(self, make, upstream):
+        """A HEAD, a GET, a POST and a chunked PUT in a row each go as sent."""
+        forwarder = make()
+        send(forwarder, upstream.url + "/1", "POST", b"one")
+        send(forwarder, upstream.url + "/2", "HEAD", None)
+        send(forwarder, upstream.url + "/3", "GET", None)
+        send(forwarder, upstream.url + "/4", "PUT", b"four", chunked=True)
+        send(forwarder, upstream.url + "/5", "HEAD", None)
+        send(forwarder, upstream.url + "/6", "DELETE", None)
+        got = [(c.method, c.target, c.body) for c in upstream.calls]
+        assert got == [
+            ("POST", "/1", b"one"),
+            ("HEAD", "/2", b""),
+            ("GET", "/3", b""),
+            ("PUT", "/4", b"four"),
+            ("HEAD", "/5", b""),
+            ("DELETE", "/6", b""),
+        ]
+
+    def test_a_body_sent_after_a_head_answer_does_not_leak_into_the_next(
+        self, make, upstream
+    ):
+        """An upstream that sends a body with its HEAD answer gets a new connection."""
+        forwarder = make()
+        for _ in range(5):
+            assert send(forwarder, upstream.url + "/h", "HEAD", None) == 200
+            time.sleep(0.05)  # the stray body is on the wire before the next call
+            assert send(forwarder, upstream.url + "/p", body=b"x") == 200
+        assert [c.method for c in upstream.calls] == ["HEAD", "POST"] * 5
+
+    def test_a_body_of_unknown_length_goes_chunked(self, make, upstream):
+        """Without a length the body is sent chunked and arrives whole."""
+        body = bytes(range(256)) * 1000
+        assert send(make(), upstream.url + "/x", body=body, chunked=True) == 200
+        assert upstream.calls[-1].body == body
+
+    def test_headers_arrive_in_order_including_empty_values(self, make, upstream):
+        """Header values, empty ones too, reach the upstream as given."""
+        headers = (("X-One", "1"), ("X-Empty", ""), ("Content-Type", "text/csv"))
+        send(make(), upstream.url + "/x", headers=headers)
+        got = upstream.calls[-1].headers
+        assert (got["x-one"], got["x-empty"], got["content-type"]) == (
+            "1",
+            "",
+            "text/csv",
+        )
+
+    def test_the_client_adds_no_accept_or_expect_of_its_own(self, make, upstream):
+        """Only the gateway's headers and the framing ones reach the upstream."""
+        send(make(), upstream.url + "/x", body=b"x" * (2 * 2**20))
+        got = upstream.calls[-1].headers
+        assert "expect" not in got
+        assert got.get("accept") in (None, "*/*")
+
+    def test_the_callers_user_agent_is_kept(self, make, upstream):
+        """A caller's User-Agent goes through in place of the client's own."""
+        send(make(), upstream.url + "/x", headers=(("User-Agent", "partner/1.0"),))
+        assert upstream.calls[-1].headers["user-agent"] == "partner/1.0"
+
+
+class TestCurlExactness:
+    """libcurl sends the query byte for byte, which urllib3 does not."""
+
+    def test_lower_case_escapes_in_the_query_are_kept(self, upstream):
+        """``%7e`` stays ``%7e`` (urllib3 would send ``%7E``)."""
+        target = "/x?q=%7e%2f&r=%c3%a9"
+        send(CurlForwarder(ForwarderOptions()), upstream.url + target)
+        assert upstream.calls[-1].target == target
+
+
+class TestConnections:
+    """Connections to upstreams are pooled and reused."""
+
+    def test_calls_in_a_row_share_one_connection(self, make, upstream):
+        """Three calls in a row come from one client port."""
+        forwarder = make()
+        for _ in range(3):
+            assert send(forwarder, upstream.url + "/x", body=b"hi") == 200
+        assert len({call.peer for call in upstream.calls}) == 1
+
+    def test_an_unreachable_upstream_is_reported(self, make):
+        """A closed port is UpstreamUnreachable."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        with pytest.raises(UpstreamUnreachable):
+            send(make(), f"http://127.0.0.1:{closed}/x")
+
+    def test_a_slow_upstream_times_out(self, make, upstream):
+        """An answer slower than the read timeout is UpstreamTimeout."""
+        upstream.delay = 2.5
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            send(make(read_timeout=1.0), upstream.url + "/x")
+        assert time.monotonic() - started < 2.4
+
+    def test_a_dripping_answer_is_not_waited_for(self, make, upstream):
+        """The status comes back before a slow, unsized body ends."""
+        upstream.drip = 25
+        started = time.monotonic()
+        assert send(make(), upstream.url + "/x") == 200
+        assert time.monotonic() - started < 2.0
+
+    def test_a_failing_body_stops_the_call_with_its_own_error(self, make, upstream):
+        """An error reading the caller's body comes out as that error."""
+        forwarder = make()
+        request = ForwardRequest("POST", upstream.url + "/x", (), _Failing(), None)
+        with pytest.raises(TooLarge):
+            forwarder.forward(request)
+        assert send(forwarder, upstream.url + "/after", body=b"ok") == 200
+        assert upstream.calls[-1].target == "/after"
+
+
+class TestPlugins:
+    """Each client is a plugin chosen by name."""
+
+    @pytest.mark.parametrize("client", sorted(CLIENTS))
+    def test_the_named_client_is_the_one_built(self, client):
+        """``ForwarderOptions.client`` picks the plugin."""
+        hook = plugin_manager().hook
+        found = hook.dais_forwarder(options=ForwarderOptions(client=client))
+        assert type(found) is CLIENTS[client]
