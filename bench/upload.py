@@ -76,7 +76,17 @@ median of the runs:
 
 Then the ratios (gateway / raw sink, gateway / cp + sync) and the two targets:
 the gateway moves at least 0.5 x the raw sink's throughput, and its peak RSS
-stays under 64 MiB over idle whatever the size. ``--check`` makes a missed
+stays under 64 MiB over idle whatever the size.
+
+Last, the bound this machine sets. After each run the script times, in CPU
+seconds of its own process, SHA-256 of the file's size from memory (the
+answer must give the digest). Adding the raw sink's own CPU (server and
+curl: receiving the body) and the CPU of ``cp + sync`` (writing the bytes
+into a new file once, durably) gives the least CPU any upload server needs;
+spread perfectly over all cores, with no other cost at all, it still takes
+that CPU divided by the cores. ``no upload server here can beat R x the raw sink`` reports the raw
+sink's time over that; when R is under 0.5, the throughput target cannot be
+met on this machine by any design, only on one with more cores. ``--check`` makes a missed
 target an exit status of 1; ``--json PATH`` writes every figure.
 
 Bounds: only 127.0.0.1, fixed sizes (at most 4 GiB), ``--time-cap`` seconds
@@ -521,6 +531,20 @@ def copy_with_cp(
 # -- reporting -----------------------------------------------------------------------
 
 
+def hash_cpu_seconds(size: int) -> float:
+    """Return the CPU seconds SHA-256 of ``size`` bytes takes here, flat out.
+
+    Hashed from a buffer in memory, so nothing else is counted: the least
+    any upload server must spend on the digest its answer gives.
+    """
+    block = memoryview(os.urandom(16 * MiB))
+    started = time.process_time()
+    hasher = hashlib.sha256()
+    for offset in range(0, size, len(block)):
+        hasher.update(block[: min(len(block), size - offset)])
+    return time.process_time() - started
+
+
 def mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.1f}"
 
@@ -712,6 +736,7 @@ def bench(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> int:
             raw.name: status_kib(raw.pid, "VmRSS"),
         }
         samples: dict[str, list[Sample]] = {raw.name: [], gateway.name: [], "cp": []}
+        hash_cpu: list[float] = []
         print()
         print(HEADER)
         # The copy the next writing case deletes just before it starts.
@@ -753,6 +778,7 @@ def bench(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> int:
             sample.run = run
             samples["cp"].append(sample)
             print(sample_line(sample, None), flush=True)
+            hash_cpu.append(hash_cpu_seconds(size))
         leftovers = list((filemanager / ".dais-staging").glob("*"))
         if leftovers:
             raise BenchError(f"staged files left behind: {leftovers}")
@@ -808,6 +834,7 @@ def bench(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> int:
         f"{gw_s.proc_writes_per_byte:.3f} "
         "(1.00 = each byte of the file written to disk once)"
     )
+    bound = print_bound(raw_s, cp_s, statistics.median(hash_cpu))
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -820,11 +847,47 @@ def bench(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> int:
                     "summary": [asdict(s) for s in summaries],
                     "ratios": {"gateway_raw": ratio_raw, "gateway_cp": ratio_cp},
                     "targets_met": {"throughput": ok_ratio, "rss": ok_rss},
+                    "hash_cpu": hash_cpu,
+                    "bound": bound,
                 },
                 indent=2,
             )
         )
     return 1 if args.check and not (ok_ratio and ok_rss) else 0
+
+
+def print_bound(raw: Summary, cp: Summary, hash_cpu: float) -> dict[str, float]:
+    """Print the best ratio to the raw sink that this machine's cores allow.
+
+    Any upload server must at least receive the body as the raw sink does
+    (its server and curl CPU), hash every byte, and write every byte once
+    into a new file and fsync it, which costs at least what ``cp + sync``
+    spends (it copies in the kernel, reading the source too). Spread
+    perfectly over every core, with no other cost at all (no multipart
+    parsing, no Python), that CPU still takes ``floor / cores`` seconds.
+    """
+    cores = len(os.sched_getaffinity(0))
+    receive_cpu = (raw.server_cpu or 0.0) + raw.client_cpu
+    floor_cpu = receive_cpu + hash_cpu + cp.client_cpu
+    best_seconds = max(raw.seconds, floor_cpu / cores)
+    best = raw.seconds / best_seconds
+    print(
+        f"least work per file: receiving as the raw sink does {receive_cpu:.2f} "
+        f"CPU s (server + curl), SHA-256 {hash_cpu:.2f} CPU s (median), one "
+        f"write + fsync {cp.client_cpu:.2f} CPU s (cp + sync)"
+    )
+    print(
+        f"bound on {cores} cores: at least {floor_cpu:.2f} CPU s / {cores} = "
+        f"{floor_cpu / cores:.2f} s per file, so no upload server here can beat "
+        f"{best:.2f} x the raw sink (target {RATIO_TARGET} x)"
+    )
+    return {
+        "cores": cores,
+        "receive_cpu": receive_cpu,
+        "hash_cpu": hash_cpu,
+        "write_cpu": cp.client_cpu,
+        "best_ratio": best,
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
