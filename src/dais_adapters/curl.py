@@ -105,7 +105,9 @@ class _Exchange:
         return self.length is None or self.length > MAX_DRAINED
 
 
-def _header_lines(request: ForwardRequest) -> list[str]:
+def _header_lines(request: ForwardRequest) -> list[bytes]:
+    # WSGI gives header values as latin-1 text (PEP 3333): they go back out
+    # as the same bytes, which pycurl would otherwise encode as ASCII.
     lines = []
     present = set()
     for name, value in request.headers:
@@ -114,10 +116,13 @@ def _header_lines(request: ForwardRequest) -> list[str]:
             continue
         present.add(name.lower())
         # libcurl drops "Name:" (empty value) unless it is written "Name;".
-        lines.append(f"{name}: {value}" if value else f"{name};")
-    lines += [f"{name}:" for name in _CURL_DEFAULTS if name.lower() not in present]
+        line = f"{name}: {value}" if value else f"{name};"
+        lines.append(line.encode("latin-1"))
+    lines += [
+        f"{name}:".encode() for name in _CURL_DEFAULTS if name.lower() not in present
+    ]
     if request.body is None and request.method in _CONTENT_METHODS:
-        lines.append("Content-Length: 0")
+        lines.append(b"Content-Length: 0")
     return lines
 
 

@@ -90,10 +90,13 @@ class Runtime:
     listener: Any = None
 
     def close(self) -> None:
-        """Stop background work and write the records still queued."""
+        """Stop background work, write the records still queued, drop connections."""
         if self.listener is not None:
             self.listener.stop()
         self.records.stop()
+        close = getattr(self.forwarder, "close", None)
+        if callable(close):
+            close()
 
 
 def _commit_locks(store: Any) -> CommitLocks:

@@ -163,6 +163,12 @@ class TestFaithful:
         assert "expect" not in got
         assert got.get("accept") in (None, "*/*")
 
+    def test_latin_1_header_values_go_as_the_same_bytes(self, make, upstream):
+        """A value WSGI decoded as latin-1 reaches the upstream byte for byte."""
+        send(make(), upstream.url + "/x", headers=(("X-Name", "caf\xe9 \xff"),))
+        got = upstream.calls[-1].headers["x-name"]
+        assert got.encode("latin-1") == b"caf\xe9 \xff"
+
     def test_the_callers_user_agent_is_kept(self, make, upstream):
         """A caller's User-Agent goes through in place of the client's own."""
         send(make(), upstream.url + "/x", headers=(("User-Agent", "partner/1.0"),))
