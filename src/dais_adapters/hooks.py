@@ -55,7 +55,7 @@ class ForwarderOptions:
 
     #: Seconds to wait for an upstream to accept a connection.
     connect_timeout: float = 5.0
-    #: Seconds to wait for each read of an upstream's answer.
+    #: Seconds an upstream may stall while answering.
     read_timeout: float = 30.0
     #: Pooled connections kept per upstream host.
     pool_size: int = 16

@@ -86,6 +86,8 @@ def _settings(args: argparse.Namespace) -> Settings:
             "gateway_in_flight": args.gateway_in_flight,
             "gateway_rate": _rate(args.gateway_rate),
             "trust_forwarded": args.trust_forwarded,
+            "connect_timeout": args.connect_timeout,
+            "read_timeout": args.read_timeout,
             "forwarder": args.forwarder
             or os.environ.get("DAIS_FORWARDER")
             or Settings().forwarder,
@@ -403,6 +405,18 @@ def _parser() -> argparse.ArgumentParser:
             help="webhook calls a key may have in flight at once (0: no cap)",
         )
         command.add_argument("--trust-forwarded", action="store_true")
+        command.add_argument(
+            "--connect-timeout",
+            type=float,
+            default=defaults.connect_timeout,
+            help="seconds to wait for an upstream to accept a connection",
+        )
+        command.add_argument(
+            "--read-timeout",
+            type=float,
+            default=defaults.read_timeout,
+            help="seconds an upstream may stall while answering",
+        )
         command.add_argument(
             "--forwarder",
             choices=FORWARDERS,

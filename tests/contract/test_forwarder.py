@@ -79,6 +79,19 @@ class _Failing:
         return b"0123456789"
 
 
+class _Pausing:
+    """A caller's body that pauses between its two blocks."""
+
+    def __init__(self, pause: float) -> None:
+        self.blocks = [b"first,", b"second"]
+        self.pause = pause
+
+    def read(self, size: int = -1) -> bytes:
+        if len(self.blocks) == 1:
+            time.sleep(self.pause)
+        return self.blocks.pop(0) if self.blocks else b""
+
+
 class TestFaithful:
     """What the caller sent is what the upstream gets."""
 
@@ -203,13 +216,22 @@ class TestConnections:
         with pytest.raises(UpstreamUnreachable):
             send(make(), f"http://127.0.0.1:{closed}/x")
 
-    def test_a_slow_upstream_times_out(self, make, upstream):
-        """An answer slower than the read timeout is UpstreamTimeout."""
+    @pytest.mark.parametrize(
+        "body", [None, b"hi", b"x" * 300_000], ids=["no-body", "small", "300k"]
+    )
+    def test_a_slow_upstream_times_out(self, make, upstream, body):
+        """An answer slower than the read timeout is UpstreamTimeout, body or not."""
         upstream.delay = 2.5
         started = time.monotonic()
         with pytest.raises(UpstreamTimeout):
-            send(make(read_timeout=1.0), upstream.url + "/x")
+            send(make(read_timeout=1.0), upstream.url + "/x", body=body)
         assert time.monotonic() - started < 2.4
+
+    def test_a_caller_pausing_mid_body_is_not_an_upstream_stall(self, make, upstream):
+        """Waiting for the caller's body does not count against the upstream."""
+        request = ForwardRequest("POST", upstream.url + "/x", (), _Pausing(1.5), None)
+        assert make(read_timeout=1.0).forward(request) == 200
+        assert upstream.calls[-1].body == b"first,second"
 
     def test_a_dripping_answer_is_not_waited_for(self, make, upstream):
         """The status comes back before a slow, unsized body ends."""

@@ -299,6 +299,55 @@ class TestForwarderChoice:
         seen = upstream.calls[-1].headers.get("user-agent")
         assert seen == agent if agent is None else seen.startswith(agent), seen
 
+    def test_a_slow_upstream_times_out_after_the_read_timeout(self, tmp_path):
+        """``--read-timeout`` bounds how long a stalled upstream holds a call."""
+        home = tmp_path / "home"
+        upstream = Upstream()
+        upstream.delay = 3.0
+        try:
+            created = json.loads(
+                run(home, "keys", "create", "--project", "p1", "--json")
+            )
+            run(
+                home,
+                "permissions",
+                "add",
+                created["id"],
+                "--project",
+                "p1",
+                "--service",
+                "svc",
+                "--prefix",
+                "/",
+            )
+            run(
+                home,
+                "services",
+                "add",
+                "--project",
+                "p1",
+                "--lineage-version",
+                "1",
+                "--service",
+                "svc",
+                "--url",
+                upstream.url,
+            )
+            with serving(home, "--read-timeout", "1") as line:
+                base = line.split()[3]
+                started = time.monotonic()
+                answer = urllib3.PoolManager(retries=False).request(
+                    "POST",
+                    f"{base}/project-gateway/webhooks/p1/lineage-version/1/svc/x",
+                    body=b"hi",
+                    headers={"Authorization": f"Bearer {created['key']}"},
+                )
+                waited = time.monotonic() - started
+        finally:
+            upstream.close()
+        assert (answer.status, answer.json()["error"]) == (504, "upstream_timeout")
+        assert waited < 2.9
+
     def test_an_unknown_client_is_refused(self, tmp_path):
         """Only the clients that exist can be named."""
         done = subprocess.run(
