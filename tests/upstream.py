@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -11,7 +13,7 @@ from waitress.server import create_server
 
 from dais_wsgi.server import BackgroundServer
 
-__all__ = ["Call", "Upstream"]
+__all__ = ["Call", "RawUpstream", "Upstream"]
 
 
 @attrs.define
@@ -86,3 +88,67 @@ class Upstream:
 
     def close(self) -> None:
         self.runner.stop()
+
+
+class RawUpstream:
+    """A loopback upstream that answers every request with fixed bytes.
+
+    For answers no WSGI server would send: interim statuses, broken status
+    lines, connections closed shortly after an answer. Each connection is
+    served on a thread of its own; requests are read by their
+    ``Content-Length``.
+
+    Args:
+        answer: The bytes sent back for each request.
+        close_after: Seconds after an answer at which the connection is
+            closed (``None`` keeps it open).
+    """
+
+    def __init__(self, answer: bytes, close_after: float | None = None) -> None:
+        self.answer = answer
+        self.close_after = close_after
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._stopping = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop accepting; connections being served end on their own."""
+        self._stopping.set()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        buffered = b""
+        with conn:
+            while not self._stopping.is_set():
+                while b"\r\n\r\n" not in buffered:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffered += chunk
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buffered) < length:
+                    buffered += conn.recv(65536)
+                self.requests.append(head + b"\r\n\r\n" + buffered[:length])
+                buffered = buffered[length:]
+                conn.sendall(self.answer)
+                if self.close_after is not None:
+                    time.sleep(self.close_after)
+                    return

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 #: slow upstream cannot hold a worker by dripping a body nobody will read.
 MAX_DRAINED = 64 * 1024
 
+#: Bytes of a body kept for sending it again on a fresh connection.
+MAX_REPLAYED = 64 * 1024
+
 #: Methods that define a meaning for content: without a body they are sent
 #: with ``Content-Length: 0`` (RFC 9110, section 8.6).
 _CONTENT_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -69,12 +72,25 @@ class _Exchange:
         self.stall = stall
         self.status = 0
         self.length: int | None = None
+        self.at_start = True
+        self.answered = False
         self.drained = 0
-        self.cut = False
         self.stalled = False
         self.failure: BaseException | None = None
         self.moved = (0, 0)
         self.moved_at = time.monotonic()
+        # What was read of the body, kept while small, so that libcurl can
+        # send it again on a fresh connection when a reused one turns out
+        # to have been closed by the upstream.
+        self.sent: bytearray | None = bytearray()
+        self.replay = 0
+
+    def seek(self, offset: int, origin: int) -> int:
+        """Go back to the start of the body, if what was read is still kept."""
+        if offset != 0 or origin != 0 or self.sent is None:
+            return pycurl.SEEKFUNC_CANTSEEK
+        self.replay = 0
+        return pycurl.SEEKFUNC_OK
 
     def progress(self, down_total: int, down: int, up_total: int, up: int) -> int:
         """Stop the call once nothing has moved for the stall limit."""
@@ -89,32 +105,49 @@ class _Exchange:
     def read(self, size: int) -> bytes | int:
         """Hand libcurl the next block of the caller's body."""
         assert self.body is not None
+        sent = self.sent
+        if sent is not None and self.replay < len(sent):
+            block = bytes(sent[self.replay : self.replay + size])
+            self.replay += len(block)
+            return block
         try:
-            return self.body.read(size)
+            block = self.body.read(size)
         except BaseException as exc:  # re-raised once perform() returns
             self.failure = exc
             return pycurl.READFUNC_ABORT
+        if sent is not None:
+            sent += block
+            self.replay = len(sent)
+            if len(sent) > MAX_REPLAYED:
+                self.sent = None
+        return block
 
     def header(self, line: bytes) -> int | None:
         """Note the status and length; cut off a body too long to drain."""
-        name, colon, value = line.partition(b":")
-        if line.startswith(b"HTTP/"):
-            # libcurl has checked the status line: "HTTP/1.1 200 OK".
+        if self.at_start:
+            # The status line, which libcurl has checked: "HTTP/1.1 200 OK".
+            self.at_start = False
             code = line.split(None, 2)[1:2]
             self.status = int(code[0]) if code and code[0].isdigit() else 0
             self.length = None
-        elif colon and name.strip().lower() == b"content-length":
+            return None
+        if line.strip() == b"":
+            # The end of one answer's head; an interim (1xx) one is followed
+            # by another.
+            self.at_start = self.status < 200
+            self.answered = not self.at_start
+            if self.answered and self._too_long():
+                return -1
+            return None
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"content-length":
             self.length = int(value.strip()) if value.strip().isdigit() else None
-        elif line.strip() == b"" and self.status >= 200 and self._too_long():
-            self.cut = True
-            return -1
         return None
 
     def write(self, data: bytes) -> int | None:
         """Drop the body's bytes; stop if it runs past what may be drained."""
         self.drained += len(data)
         if self.drained > MAX_DRAINED:
-            self.cut = True
             return -1
         return None
 
@@ -243,6 +276,7 @@ class CurlForwarder:
             handle.setopt(pycurl.TIMEOUT_MS, _ms(limit))
             return
         handle.setopt(pycurl.XFERINFOFUNCTION, exchange.progress)
+        handle.setopt(pycurl.SEEKFUNCTION, exchange.seek)
         handle.setopt(pycurl.READFUNCTION, exchange.read)
         # -1 (no length) makes libcurl send the body chunked.
         length = request.content_length
@@ -264,9 +298,10 @@ class CurlForwarder:
             raise UpstreamUnreachable(
                 "the caller's body could not be sent upstream"
             ) from failure
-        if error is None or (exchange.cut and exchange.status):
-            # Done, or the answer's body was cut off on purpose.
-            if not exchange.status:
+        if error is None or exchange.answered:
+            # Done, or the answer's head was whole and only its body, which
+            # nobody reads, was cut off or failed.
+            if not exchange.answered:
                 raise UpstreamUnreachable("the upstream service sent no answer")
             return
         code = error.args[0]

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from dais_core.errors import InvalidData, InvalidRoute
+from dais_core.errors import InvalidData, InvalidRoute, UpstreamUnreachable
 from dais_core.rules import check_name, normalise_route
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "HOP_BY_HOP",
     "GatewayCall",
     "parse_gateway_path",
+    "relayable_status",
     "upstream_headers",
     "upstream_url",
     "valid_request_id",
@@ -61,6 +62,11 @@ _HOST = re.compile(
 # proxy may assert): the caller's are dropped, whatever follows the prefix.
 _OWN_PREFIXES = ("x-dais-", "dais-", "x-forwarded-")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: A query a URL can carry as it is: visible ASCII but ``#``, and ``%`` only
+#: as the start of an escape of two hex digits (RFC 3986, sections 2.1, 3.4).
+_QUERY = re.compile(r"(?:[\x21\x22\x24\x26-\x7e]|%[0-9A-Fa-f]{2})*")
+#: The statuses an answer relayed to the caller may have.
+_FINAL_STATUSES = range(200, 600)
 _VERSION = re.compile(r"[1-9][0-9]{0,9}")
 
 
@@ -114,9 +120,36 @@ def parse_gateway_path(path: str) -> GatewayCall:
 
 
 def upstream_url(base_url: str, route: str, query: str) -> str:
-    """Append a canonical route and the untouched query to a base URL."""
+    """Append a canonical route and the untouched query to a base URL.
+
+    Raises:
+        InvalidRoute: The query holds a byte a URL cannot carry as it is
+            (a control character, a space, a non-ASCII byte) or a ``%`` that
+            starts no escape. HTTP clients differ on such queries: one
+            refuses them, another escapes every ``%`` again and so changes
+            what the query means; so neither is sent.
+    """
+    if query and _QUERY.fullmatch(query) is None:
+        raise InvalidRoute(
+            "the query string must be percent-encoded (RFC 3986, section 3.4)"
+        )
     url = base_url.rstrip("/") + route
     return f"{url}?{query}" if query else url
+
+
+def relayable_status(status: int) -> int:
+    """Return an upstream's final status if the caller can be given it.
+
+    Raises:
+        UpstreamUnreachable: The status is not a final one (1xx) or not a
+            status at all (600 and over); the upstream's answer is broken.
+    """
+    if status not in _FINAL_STATUSES:
+        raise UpstreamUnreachable(
+            f"the upstream service answered with status {status}, which "
+            "cannot be relayed"
+        )
+    return status
 
 
 def valid_request_id(value: str | None) -> bool:

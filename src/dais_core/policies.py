@@ -309,10 +309,12 @@ class ConcurrencyCap:
 
     Args:
         limit: Requests in flight per key; 0 means no cap.
+        what: What the requests are, for the refusal's message.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, what: str = "requests") -> None:
         self.limit = limit
+        self.what = what
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
 
@@ -326,7 +328,7 @@ class ConcurrencyCap:
             count = self._counts.get(key_id, 0)
             if self.limit and count >= self.limit:
                 raise Throttled(
-                    f"this key already has {count} uploads in flight",
+                    f"this key already has {count} {self.what} in flight",
                     retry_after=1.0,
                 )
             self._counts[key_id] = count + 1

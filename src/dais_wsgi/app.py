@@ -32,6 +32,7 @@ from dais_core.errors import (
 )
 from dais_core.gateway import (
     parse_gateway_path,
+    relayable_status,
     upstream_headers,
     valid_request_id,
 )
@@ -429,10 +430,10 @@ class GatewaySink:
             runtime.gateway_in_flight.release(credential.key.id)
         req.context.metrics.upstream.observe(time.perf_counter() - started)
 
-        resp.status = status
+        self._record(req, credential.key.id, call, route, status, started, body)
+        resp.status = relayable_status(status)
         resp.set_header("Dais-Lineage-Version", str(route.endpoint.lineage_version))
         resp.data = b""
-        self._record(req, credential.key.id, call, route, status, started, body)
 
     def _body(self, req: falcon.Request) -> _LimitedBody | None:
         """Return the body to stream upstream, refused early if over the limit."""

@@ -259,7 +259,6 @@ def _serve(args: argparse.Namespace) -> int:
         raise InvalidData(
             f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
         ) from exc
-    print(f"dais gateway on http://{args.host}:{server.effective_port}", flush=True)
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
@@ -269,6 +268,8 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
+        # Announced only once a signal can stop it cleanly.
+        print(f"dais gateway on http://{args.host}:{server.effective_port}", flush=True)
         run_until(server, stopping)
     finally:
         runtime.close()

@@ -73,9 +73,6 @@ def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
         for _ in range(workers)
     ]
     port = listener.getsockname()[1]
-    print(
-        f"dais gateway on http://{settings.host}:{port} ({workers} workers)", flush=True
-    )
 
     def stop(signum: int, frame: FrameType | None) -> None:
         for child in children:
@@ -83,8 +80,13 @@ def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
                 child.send_signal(signal.SIGTERM)
 
     # Explicit handlers: a shell starts background jobs with SIGINT ignored.
+    # They are in place before the announcement, so a signal sent as soon
+    # as the address is known stops every worker cleanly.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    print(
+        f"dais gateway on http://{settings.host}:{port} ({workers} workers)", flush=True
+    )
     try:
         for child in children:
             child.wait()

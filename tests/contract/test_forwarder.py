@@ -20,9 +20,10 @@ from dais_adapters.forwarder import Urllib3Forwarder
 from dais_adapters.hooks import ForwarderOptions, plugin_manager
 from dais_core.errors import TooLarge, UpstreamTimeout, UpstreamUnreachable
 from dais_core.ports import Forwarder, ForwardRequest
-from tests.upstream import Upstream
+from tests.upstream import RawUpstream, Upstream
 
 CLIENTS = {"curl": CurlForwarder, "urllib3": Urllib3Forwarder}
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 Make = Callable[..., Forwarder]
 
@@ -198,6 +199,31 @@ class TestCurlExactness:
         assert upstream.calls[-1].target == target
 
 
+class TestCurlAnswers:
+    """libcurl reads interim answers and odd head lines as HTTP means them."""
+
+    def test_interim_answers_are_skipped_for_the_final_one(self):
+        """A 103 Early Hints before a 201 gives 201."""
+        upstream = RawUpstream(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+        )
+        try:
+            assert send(CurlForwarder(ForwarderOptions()), upstream.url + "/x") == 201
+        finally:
+            upstream.close()
+
+    def test_a_header_line_that_looks_like_a_status_is_a_header(self):
+        """``HTTP/x 101 a: b`` inside a 200's head does not change its status."""
+        upstream = RawUpstream(
+            b"HTTP/1.1 200 OK\r\nHTTP/x 101 a: b\r\nContent-Length: 0\r\n\r\n"
+        )
+        try:
+            assert send(CurlForwarder(ForwarderOptions()), upstream.url + "/x") == 200
+        finally:
+            upstream.close()
+
+
 class TestConnections:
     """Connections to upstreams are pooled and reused."""
 
@@ -207,6 +233,18 @@ class TestConnections:
         for _ in range(3):
             assert send(forwarder, upstream.url + "/x", body=b"hi") == 200
         assert len({call.peer for call in upstream.calls}) == 1
+
+    def test_a_connection_the_upstream_closed_is_replaced(self, make):
+        """A body is sent whole on a new connection when the pooled one died."""
+        upstream = RawUpstream(OK, close_after=0.2)
+        forwarder = make()
+        try:
+            for n in range(3):
+                assert send(forwarder, upstream.url + f"/{n}", body=b"b" * 100) == 200
+                time.sleep(0.5)
+        finally:
+            upstream.close()
+        assert [r.endswith(b"b" * 100) for r in upstream.requests] == [True] * 3
 
     def test_an_unreachable_upstream_is_reported(self, make):
         """A closed port is UpstreamUnreachable."""

@@ -348,6 +348,24 @@ class TestForwarderChoice:
         assert (answer.status, answer.json()["error"]) == (504, "upstream_timeout")
         assert waited < 2.9
 
+    def test_a_signal_right_after_the_announcement_stops_cleanly(self, tmp_path):
+        """SIGTERM or SIGINT as soon as the address is printed: exit status 0."""
+        home = tmp_path / "home"
+        run(home, "keys", "list", "--json")
+        for signum in (signal.SIGTERM, signal.SIGINT) * 3:
+            process = subprocess.Popen(
+                [COMMAND, "--home", str(home), "serve", "--port", "0"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert process.stdout is not None
+            assert process.stdout.readline().startswith("dais gateway on ")
+            process.send_signal(signum)
+            _, errors = process.communicate(timeout=30)
+            assert process.returncode == 0, errors
+            assert "Traceback" not in errors
+
     def test_an_unknown_client_is_refused(self, tmp_path):
         """Only the clients that exist can be named."""
         done = subprocess.run(

@@ -11,7 +11,7 @@ import pytest
 import urllib3
 
 from tests.integration.conftest import Gateway
-from tests.upstream import Upstream
+from tests.upstream import RawUpstream, Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -209,6 +209,50 @@ class TestRefusals:
         assert got == status, body
         assert json.loads(body)["error"]
         assert upstream.calls == []
+
+    @pytest.mark.parametrize("query", ["a=\x01", "a=\x7f", "a=b\tc", "x=%zz", "x=%"])
+    def test_a_query_that_is_not_percent_encoded_is_400(
+        self, gateway, upstream, caller, query
+    ):
+        """Clients would send such a query differently: it is refused, not sent."""
+        request = (
+            f"POST {BASE}/p1/lineage-version/3/svc/api/webhook?{query} HTTP/1.1\r\n"
+            f"Host: x\r\nAuthorization: Bearer {caller}\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n"
+        ).encode("latin-1")
+        answer = exchange(gateway, request)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert b'"invalid_route"' in answer
+        assert upstream.calls == []
+
+    @pytest.mark.parametrize("forwarder", ["curl", "urllib3"])
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n",
+        ],
+        ids=["101-only", "2000", "999"],
+    )
+    def test_an_answer_that_cannot_be_relayed_is_502(
+        self, http, start_gateway, forwarder, answer
+    ):
+        """A status that is not final, or not a status, is the upstream's fault."""
+        gateway = start_gateway(forwarder=forwarder)
+        upstream = RawUpstream(answer, close_after=0.5)
+        try:
+            gateway.add_service("p1", 1, "svc", upstream.url)
+            _, token = gateway.make_key(permissions=(("svc", "/"),))
+            started = time.monotonic()
+            response = call(http, gateway, token, f"{BASE}/p1/lineage-version/1/svc/x")
+        finally:
+            upstream.close()
+        assert (response.status, response.json()["error"]) == (
+            502,
+            "upstream_unreachable",
+        )
+        assert time.monotonic() - started < 5.0
 
     def test_missing_and_bad_keys_are_401(self, http, gateway, upstream, caller):
         """No key, or a garbled one, is 401."""
@@ -497,6 +541,7 @@ class TestPerKeyCap:
             assert slow.result().status == 200
         assert second.status == 429
         assert second.headers["Retry-After"] == "1"
+        assert "1 webhook calls in flight" in second.json()["message"]
 
 
 class TestForwardingHeaders:

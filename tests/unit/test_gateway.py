@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 
-from dais_core.errors import InvalidRoute, status_for
+from dais_core.errors import InvalidRoute, UpstreamUnreachable, status_for
 from dais_core.gateway import (
     GATEWAY_PREFIX,
     HOP_BY_HOP,
     GatewayCall,
     parse_gateway_path,
+    relayable_status,
     upstream_headers,
     upstream_url,
     valid_request_id,
@@ -127,6 +128,38 @@ class TestUpstreamUrl:
     def test_appends_route_and_untouched_query(self, base, route, query, url):
         """The route goes after the base URL; the query passes unchanged."""
         assert upstream_url(base, route, query) == url
+
+    @pytest.mark.parametrize(
+        "query",
+        ['a="<>{}|\\^[]`', "x=%7e%2F", "q=a+b&c=;:@/?", "empty=&=", "%41%41"],
+    )
+    def test_keeps_any_query_a_url_can_carry(self, query):
+        """Visible ASCII and well-formed escapes pass byte for byte."""
+        assert upstream_url("http://svc", "/x", query) == f"http://svc/x?{query}"
+
+    @pytest.mark.parametrize(
+        "query",
+        ["a=\x01", "a=\x7f", "a=b c", "a=\tb", "a=\xe9", "x=%zz", "x=%", "x=%4", "a#b"],
+    )
+    def test_refuses_a_query_clients_would_send_differently(self, query):
+        """Control bytes, spaces, raw non-ASCII and stray ``%`` are 400."""
+        with pytest.raises(InvalidRoute) as raised:
+            upstream_url("http://svc", "/x", query)
+        assert status_for(raised.value) == 400
+
+
+class TestRelayableStatus:
+    @pytest.mark.parametrize("status", [200, 204, 304, 418, 599])
+    def test_final_statuses_are_relayed(self, status):
+        """Any status from 200 to 599 goes back to the caller."""
+        assert relayable_status(status) == status
+
+    @pytest.mark.parametrize("status", [0, 100, 101, 103, 199, 600, 999, 2000])
+    def test_anything_else_is_a_broken_answer(self, status):
+        """Interim and impossible statuses are the upstream's fault: 502."""
+        with pytest.raises(UpstreamUnreachable) as raised:
+            relayable_status(status)
+        assert status_for(raised.value) == 502
 
 
 class TestValidRequestId:

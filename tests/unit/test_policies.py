@@ -443,7 +443,7 @@ class TestKeyedLocks:
 class TestConcurrencyCap:
     def test_refuses_beyond_the_limit_until_one_is_released(self):
         """A key at its limit is throttled; releasing one lets the next in."""
-        cap = ConcurrencyCap(2)
+        cap = ConcurrencyCap(2, "uploads")
         cap.acquire("k1")
         cap.acquire("k1")
         with pytest.raises(Throttled, match="2 uploads in flight"):
