@@ -11,14 +11,14 @@ out one per call (a handle is never used by two threads at once), so there
 are at most as many handles as calls in flight.
 
 Timeouts, in libcurl's terms: ``connect_timeout`` bounds the connection;
-``read_timeout`` is a stall limit, and the whole exchange is capped at
-connect + read (+ the body's own deadline when there is a body), so an
-upstream that drips its answer cannot hold a worker either. libcurl's own
-stall check (under one byte a second for that many whole seconds) judges
-speed over a moving window of about five seconds, so right after a body was
-sent it would fire up to five seconds late. Calls with a body therefore also
-watch their progress themselves: libcurl reports it at least once a second,
-and a call where nothing moved for ``read_timeout`` is stopped.
+``read_timeout`` is libcurl's stall limit (under one byte a second for that
+many whole seconds); and the whole exchange is capped at connect + read (+
+the body's own deadline when there is a body), so an upstream that drips its
+answer cannot hold a worker either. libcurl judges speed over a moving
+window of about five seconds, so a stall right after a body was sent is
+caught up to about five seconds late. Watching progress from Python instead
+would be exact to a second, but its callback takes the GIL about ten times
+a call, which cost a tenth of the gateway's throughput (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from typing import Any
 
 import pycurl
@@ -66,19 +65,15 @@ class _Exchange:
     taken from those lines here.
     """
 
-    def __init__(self, body: Readable | None, head: bool, stall: float) -> None:
+    def __init__(self, body: Readable | None, head: bool) -> None:
         self.body = body
         self.head = head
-        self.stall = stall
         self.status = 0
         self.length: int | None = None
         self.at_start = True
         self.answered = False
         self.drained = 0
-        self.stalled = False
         self.failure: BaseException | None = None
-        self.moved = (0, 0)
-        self.moved_at = time.monotonic()
         # What was read of the body, kept while small, so that libcurl can
         # send it again on a fresh connection when a reused one turns out
         # to have been closed by the upstream.
@@ -91,16 +86,6 @@ class _Exchange:
             return pycurl.SEEKFUNC_CANTSEEK
         self.replay = 0
         return pycurl.SEEKFUNC_OK
-
-    def progress(self, down_total: int, down: int, up_total: int, up: int) -> int:
-        """Stop the call once nothing has moved for the stall limit."""
-        now = time.monotonic()
-        if (down, up) != self.moved:
-            self.moved, self.moved_at = (down, up), now
-        elif now - self.moved_at >= self.stall:
-            self.stalled = True
-            return 1
-        return 0
 
     def read(self, size: int) -> bytes | int:
         """Hand libcurl the next block of the caller's body."""
@@ -201,11 +186,7 @@ class CurlForwarder:
         """
         handle = self._borrow()
         try:
-            exchange = _Exchange(
-                request.body,
-                head=request.method == "HEAD",
-                stall=self.options.read_timeout,
-            )
+            exchange = _Exchange(request.body, head=request.method == "HEAD")
             self._prepare(handle, request, exchange)
             self._perform(handle, exchange)
         except BaseException:
@@ -271,11 +252,9 @@ class CurlForwarder:
         # An upstream may send a body after a HEAD answer anyway; those bytes
         # would be read as the next call's answer, so the connection goes.
         handle.setopt(pycurl.FORBID_REUSE, 1 if exchange.head else 0)
-        handle.setopt(pycurl.NOPROGRESS, 0 if sends else 1)
         if not sends:
             handle.setopt(pycurl.TIMEOUT_MS, _ms(limit))
             return
-        handle.setopt(pycurl.XFERINFOFUNCTION, exchange.progress)
         handle.setopt(pycurl.SEEKFUNCTION, exchange.seek)
         handle.setopt(pycurl.READFUNCTION, exchange.read)
         # -1 (no length) makes libcurl send the body chunked.
@@ -305,7 +284,7 @@ class CurlForwarder:
                 raise UpstreamUnreachable("the upstream service sent no answer")
             return
         code = error.args[0]
-        if code in _TIMED_OUT or exchange.stalled:
+        if code in _TIMED_OUT:
             raise UpstreamTimeout(
                 "the upstream service did not answer in time"
             ) from error

@@ -57,8 +57,8 @@ class Settings:
     gateway_in_flight: int = 4
     #: Seconds to wait for an upstream to accept a connection.
     connect_timeout: float = 5.0
-    #: Seconds an upstream may stall while answering (``curl`` checks about
-    #: once a second).
+    #: Seconds an upstream may stall while answering (with ``curl``: whole
+    #: seconds, up to about 5 s late right after a body was sent).
     read_timeout: float = 30.0
     #: HTTP client for webhook calls: ``curl`` (libcurl, the fastest) or
     #: ``urllib3`` (pure Python).

@@ -43,7 +43,8 @@ def run(home: Path, *args: str) -> str:
 def serving(home: Path, *options: str) -> Iterator[str]:
     """Run ``dais-gateway serve`` on a free port; yield the line it announces.
 
-    The process is stopped with SIGTERM afterwards and must exit cleanly.
+    The process is stopped with SIGTERM afterwards and must exit cleanly;
+    one that does not is killed, so that no test leaves a server behind.
     """
     process = subprocess.Popen(
         [COMMAND, "--home", str(home), "serve", "--port", "0", *options],
@@ -58,7 +59,13 @@ def serving(home: Path, *options: str) -> Iterator[str]:
         yield line
     finally:
         os.kill(process.pid, signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        try:
+            status = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        assert status == 0
 
 
 @pytest.fixture
@@ -337,9 +344,8 @@ class TestForwarderChoice:
                 base = line.split()[3]
                 started = time.monotonic()
                 answer = urllib3.PoolManager(retries=False).request(
-                    "POST",
+                    "GET",
                     f"{base}/project-gateway/webhooks/p1/lineage-version/1/svc/x",
-                    body=b"hi",
                     headers={"Authorization": f"Bearer {created['key']}"},
                 )
                 waited = time.monotonic() - started

@@ -277,7 +277,7 @@ class TestRefusals:
 
     def test_slow_upstream_is_504(self, http, start_gateway, upstream):
         """An upstream slower than the read timeout gives 504."""
-        # libcurl checks for a stall about once a second.
+        # libcurl counts a stall in whole seconds.
         gateway = start_gateway(read_timeout=1.0)
         gateway.add_service("p1", 1, "svc", upstream.url)
         _, token = gateway.make_key(permissions=(("svc", "/"),))
