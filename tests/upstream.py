@@ -102,11 +102,20 @@ class RawUpstream:
         answer: The bytes sent back for each request.
         close_after: Seconds after an answer at which the connection is
             closed (``None`` keeps it open).
+        answers: Requests answered on each connection; the next one is read
+            whole and the connection closed without an answer (``None``
+            answers them all).
     """
 
-    def __init__(self, answer: bytes, close_after: float | None = None) -> None:
+    def __init__(
+        self,
+        answer: bytes,
+        close_after: float | None = None,
+        answers: int | None = None,
+    ) -> None:
         self.answer = answer
         self.close_after = close_after
+        self.answers = answers
         self.requests: list[bytes] = []
         self.connections = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -131,6 +140,7 @@ class RawUpstream:
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(5)
         buffered = b""
+        answered = 0
         with conn:
             while not self._stopping.is_set():
                 while b"\r\n\r\n" not in buffered:
@@ -148,6 +158,9 @@ class RawUpstream:
                     buffered += conn.recv(65536)
                 self.requests.append(head + b"\r\n\r\n" + buffered[:length])
                 buffered = buffered[length:]
+                if self.answers is not None and answered == self.answers:
+                    return
+                answered += 1
                 conn.sendall(self.answer)
                 if self.close_after is not None:
                     time.sleep(self.close_after)

@@ -46,6 +46,12 @@ MAX_DRAINED = 64 * 1024
 #: Bytes of a body kept for sending it again on a fresh connection.
 MAX_REPLAYED = 64 * 1024
 
+#: Methods a request may be sent twice with (RFC 9110, section 9.2.2). libcurl
+#: resends a request on a new connection when a reused one broke before any
+#: answer; for any other method that could apply it twice (the upstream may
+#: have read it before closing), so such a call fails with 502 instead.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
 #: Methods that define a meaning for content: without a body they are sent
 #: with ``Content-Length: 0`` (RFC 9110, section 8.6).
 _CONTENT_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -79,6 +85,14 @@ class _Exchange:
         # to have been closed by the upstream.
         self.sent: bytearray | None = bytearray()
         self.replay = 0
+        self.attempts = 0
+
+    def once(self, *connection: object) -> int:
+        """Let the request go out once; refuse libcurl's resend of it."""
+        self.attempts += 1
+        if self.attempts > 1:
+            return pycurl.PREREQFUNC_ABORT
+        return pycurl.PREREQFUNC_OK
 
     def seek(self, offset: int, origin: int) -> int:
         """Go back to the start of the body, if what was read is still kept."""
@@ -110,15 +124,18 @@ class _Exchange:
     def header(self, line: bytes) -> int | None:
         """Note the status and length; cut off a body too long to drain."""
         if self.at_start:
-            # The status line, which libcurl has checked: "HTTP/1.1 200 OK".
+            # The status line: "HTTP/1.1 200 OK", three digits.
             self.at_start = False
             code = line.split(None, 2)[1:2]
-            self.status = int(code[0]) if code and code[0].isdigit() else 0
+            valid = code and len(code[0]) == 3 and code[0].isdigit()
+            self.status = int(code[0]) if valid else 0
             self.length = None
             return None
         if line.strip() == b"":
             # The end of one answer's head; an interim (1xx) one is followed
             # by another.
+            if self.status == 101:
+                return -1  # no upgrade was asked for: no final answer follows
             self.at_start = self.status < 200
             self.answered = not self.at_start
             if self.answered and self._too_long():
@@ -252,6 +269,10 @@ class CurlForwarder:
         # An upstream may send a body after a HEAD answer anyway; those bytes
         # would be read as the next call's answer, so the connection goes.
         handle.setopt(pycurl.FORBID_REUSE, 1 if exchange.head else 0)
+        handle.setopt(
+            pycurl.PREREQFUNCTION,
+            None if request.method in _IDEMPOTENT else exchange.once,
+        )
         if not sends:
             handle.setopt(pycurl.TIMEOUT_MS, _ms(limit))
             return

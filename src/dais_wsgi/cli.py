@@ -10,10 +10,8 @@ import argparse
 import json
 import logging
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -241,7 +239,7 @@ def _plain(instance: Any, field: Any, value: Any) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from dais_wsgi.server import make_server, run_until, wake
+    from dais_wsgi.server import make_server, run_until, stop_on_signals
     from dais_wsgi.workers import serve_workers
 
     if args.workers > 1:
@@ -259,16 +257,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise InvalidData(
             f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
         ) from exc
-    stopping = threading.Event()
-
-    def stop(signum: int, frame: object) -> None:
-        stopping.set()
-        wake(server)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stopping = stop_on_signals(server)
     try:
-        # Announced only once a signal can stop it cleanly.
         print(f"dais gateway on http://{args.host}:{server.effective_port}", flush=True)
         run_until(server, stopping)
     finally:

@@ -28,7 +28,7 @@ from dais_core.values import (
     ServiceEndpoint,
 )
 from dais_wsgi.bootstrap import admin_store, bootstrap
-from dais_wsgi.server import BackgroundServer, make_server
+from dais_wsgi.server import BackgroundServer, make_server, run_until, stop_on_signals
 from dais_wsgi.settings import Settings
 
 __all__ = ["run_demo", "sample_service"]
@@ -120,6 +120,7 @@ def run_demo(settings: Settings) -> int:
         raise InvalidData(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
         ) from exc
+    stopping = stop_on_signals(server)
     base = f"http://{settings.host}:{server.effective_port}"
     auth = f'-H "Authorization: Bearer {made.token}"'
     root = settings.resolved_filemanager_root / PROJECT
@@ -144,11 +145,8 @@ Press Ctrl-C to stop.
         flush=True,
     )
     try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
+        run_until(server, stopping)
     finally:
-        server.close()
         upstream.stop()
         # The demo key lives as long as the demo.
         store.revoke(made.id, time.time())

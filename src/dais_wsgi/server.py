@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 from typing import Any
 
@@ -13,7 +14,14 @@ from dais_wsgi.app import create_app
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.streaming import StreamingChannel
 
-__all__ = ["BackgroundServer", "make_server", "run_until", "sweep_storages", "wake"]
+__all__ = [
+    "BackgroundServer",
+    "make_server",
+    "run_until",
+    "stop_on_signals",
+    "sweep_storages",
+    "wake",
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +118,23 @@ def wake(server: Any) -> None:
     # The loop may have seen the stop already and closed the trigger.
     with contextlib.suppress(OSError):
         server.pull_trigger()
+
+
+def stop_on_signals(server: Any) -> threading.Event:
+    """Make SIGTERM and SIGINT stop ``server``; return the event they set.
+
+    Call it before announcing the server, so that a signal sent as soon as
+    the address is known stops it cleanly; then :func:`run_until` the event.
+    """
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.set()
+        wake(server)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return stopping
 
 
 def run_until(server: Any, stopping: threading.Event) -> None:

@@ -223,6 +223,34 @@ class TestCurlAnswers:
         finally:
             upstream.close()
 
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            b"HTTP/1.1 0200 OK\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+        ],
+        ids=["four-digit-status", "unasked-101"],
+    )
+    def test_an_answer_with_no_final_status_fails_at_once(self, answer):
+        """A malformed status, or a 101 nobody asked for, is no answer."""
+        upstream = RawUpstream(answer)
+        started = time.monotonic()
+        try:
+            with pytest.raises(UpstreamUnreachable):
+                send(CurlForwarder(ForwarderOptions()), upstream.url + "/x")
+        finally:
+            upstream.close()
+        assert time.monotonic() - started < 2.0
+
+    def test_a_head_cut_off_is_no_answer(self):
+        """An upstream closing halfway through its head gave no status to relay."""
+        upstream = RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Len", close_after=0)
+        try:
+            with pytest.raises(UpstreamUnreachable):
+                send(CurlForwarder(ForwarderOptions()), upstream.url + "/x")
+        finally:
+            upstream.close()
+
 
 class TestConnections:
     """Connections to upstreams are pooled and reused."""
@@ -235,16 +263,32 @@ class TestConnections:
         assert len({call.peer for call in upstream.calls}) == 1
 
     def test_a_connection_the_upstream_closed_is_replaced(self, make):
-        """A body is sent whole on a new connection when the pooled one died."""
+        """A PUT's body is sent whole on a new connection when the pooled one died."""
         upstream = RawUpstream(OK, close_after=0.2)
         forwarder = make()
         try:
             for n in range(3):
-                assert send(forwarder, upstream.url + f"/{n}", body=b"b" * 100) == 200
+                status = send(forwarder, upstream.url + f"/{n}", "PUT", b"b" * 100)
+                assert status == 200
                 time.sleep(0.5)
         finally:
             upstream.close()
         assert [r.endswith(b"b" * 100) for r in upstream.requests] == [True] * 3
+
+    @pytest.mark.parametrize("body", [None, b"x" * 10], ids=["no-body", "body"])
+    def test_a_post_is_never_sent_twice(self, make, body):
+        """A POST the upstream read and then dropped unanswered is a 502, once."""
+        upstream = RawUpstream(OK, answers=1)
+        forwarder = make()
+        try:
+            assert send(forwarder, upstream.url + "/first", body=body) == 200
+            with pytest.raises(UpstreamUnreachable):
+                send(forwarder, upstream.url + "/second", body=body)
+            time.sleep(0.2)  # a resend, if any, has arrived by now
+        finally:
+            upstream.close()
+        targets = [r.split(b" ", 2)[1] for r in upstream.requests]
+        assert targets == [b"/first", b"/second"]
 
     def test_an_unreachable_upstream_is_reported(self, make):
         """A closed port is UpstreamUnreachable."""

@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -251,6 +252,37 @@ class TestServe:
             assert list(staging.iterdir()) == [fresh]
 
 
+def key_for_service(home: Path, url: str) -> str:
+    """Register ``svc`` of project p1 at ``url``; return a key that may call it."""
+    created = json.loads(run(home, "keys", "create", "--project", "p1", "--json"))
+    run(
+        home,
+        "permissions",
+        "add",
+        created["id"],
+        "--project",
+        "p1",
+        "--service",
+        "svc",
+        "--prefix",
+        "/",
+    )
+    run(
+        home,
+        "services",
+        "add",
+        "--project",
+        "p1",
+        "--lineage-version",
+        "1",
+        "--service",
+        "svc",
+        "--url",
+        url,
+    )
+    return str(created["key"])
+
+
 class TestForwarderChoice:
     """``serve --forwarder`` picks the HTTP client for webhook calls."""
 
@@ -262,34 +294,7 @@ class TestForwarderChoice:
         home = tmp_path / "home"
         upstream = Upstream()
         try:
-            created = json.loads(
-                run(home, "keys", "create", "--project", "p1", "--json")
-            )
-            run(
-                home,
-                "permissions",
-                "add",
-                created["id"],
-                "--project",
-                "p1",
-                "--service",
-                "svc",
-                "--prefix",
-                "/",
-            )
-            run(
-                home,
-                "services",
-                "add",
-                "--project",
-                "p1",
-                "--lineage-version",
-                "1",
-                "--service",
-                "svc",
-                "--url",
-                upstream.url,
-            )
+            token = key_for_service(home, upstream.url)
             with serving(home, "--forwarder", forwarder) as line:
                 host, port = line.split()[3].removeprefix("http://").split(":")
                 connection = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -297,7 +302,7 @@ class TestForwarderChoice:
                     "POST",
                     "/project-gateway/webhooks/p1/lineage-version/1/svc/x",
                     b"hi",
-                    {"Authorization": f"Bearer {created['key']}"},
+                    {"Authorization": f"Bearer {token}"},
                 )
                 assert connection.getresponse().status == 200
                 connection.close()
@@ -312,41 +317,14 @@ class TestForwarderChoice:
         upstream = Upstream()
         upstream.delay = 3.0
         try:
-            created = json.loads(
-                run(home, "keys", "create", "--project", "p1", "--json")
-            )
-            run(
-                home,
-                "permissions",
-                "add",
-                created["id"],
-                "--project",
-                "p1",
-                "--service",
-                "svc",
-                "--prefix",
-                "/",
-            )
-            run(
-                home,
-                "services",
-                "add",
-                "--project",
-                "p1",
-                "--lineage-version",
-                "1",
-                "--service",
-                "svc",
-                "--url",
-                upstream.url,
-            )
+            token = key_for_service(home, upstream.url)
             with serving(home, "--read-timeout", "1") as line:
                 base = line.split()[3]
                 started = time.monotonic()
                 answer = urllib3.PoolManager(retries=False).request(
                     "GET",
                     f"{base}/project-gateway/webhooks/p1/lineage-version/1/svc/x",
-                    headers={"Authorization": f"Bearer {created['key']}"},
+                    headers={"Authorization": f"Bearer {token}"},
                 )
                 waited = time.monotonic() - started
         finally:
@@ -382,6 +360,43 @@ class TestForwarderChoice:
         )
         assert done.returncode == 2
         assert "invalid choice: 'wget'" in done.stderr
+
+
+class TestDemo:
+    """``dais-gateway demo``: a working gateway, then its key revoked."""
+
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+    def test_the_demo_serves_and_revokes_its_key_when_stopped(self, tmp_path, signum):
+        """The printed key calls the sample service; a stop signal revokes it."""
+        home = tmp_path / "home"
+        process = subprocess.Popen(
+            [COMMAND, "--home", str(home), "demo", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            printed = ""
+            while "Press Ctrl-C" not in printed:
+                line = process.stdout.readline()
+                assert line, printed
+                printed += line
+            base = re.search(r"gateway on (http://\S+),", printed).group(1)
+            token = re.search(r"Bearer (dais_\w+)", printed).group(1)
+            answer = urllib3.PoolManager(retries=False).request(
+                "POST",
+                f"{base}/project-gateway/webhooks/demo/lineage-version/latest"
+                "/scheduler/api/webhooks/schedule?at=now",
+                body=b"{}",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert answer.status == 202
+        finally:
+            process.send_signal(signum)
+            assert process.wait(timeout=30) == 0
+        keys = json.loads(run(home, "keys", "list", "--json"))
+        assert [k["revoked"] is not None for k in keys] == [True]
 
 
 class TestExplain:
