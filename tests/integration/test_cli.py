@@ -28,16 +28,28 @@ COMMAND = shutil.which("dais-gateway") or str(
 )
 
 
-def run(home: Path, *args: str) -> str:
-    """Run an admin command and return what it printed."""
-    done = subprocess.run(
+def command(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``dais-gateway --home HOME ARGS...`` and return how it ended."""
+    return subprocess.run(
         [COMMAND, "--home", str(home), *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def run(home: Path, *args: str) -> str:
+    """Run an admin command and return what it printed."""
+    done = command(home, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def refused(home: Path, *args: str) -> str:
+    """Run a command that must be refused (exit status 2); return its message."""
+    done = command(home, *args)
+    assert done.returncode == 2, done.stdout
+    return done.stderr
 
 
 @contextlib.contextmanager
@@ -134,25 +146,17 @@ class TestAdminCommands:
         key_id = json.loads(run(home, "keys", "create", "--project", "p1", "--json"))[
             "id"
         ]
-        done = subprocess.run(
-            [
-                COMMAND,
-                "--home",
-                str(home),
-                "grants",
-                "add",
-                key_id,
-                "--resource",
-                "x",
-                "--to",
-                "filemanager://p1/../../etc/x",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
+        message = refused(
+            home,
+            "grants",
+            "add",
+            key_id,
+            "--resource",
+            "x",
+            "--to",
+            "filemanager://p1/../../etc/x",
         )
-        assert done.returncode == 2
-        assert "dot segment" in done.stderr
+        assert "dot segment" in message
 
 
 class TestServe:
@@ -163,22 +167,7 @@ class TestServe:
         home, base = served
         upstream = Upstream()
         try:
-            created = json.loads(
-                run(home, "keys", "create", "--project", "p1", "--json")
-            )
-            key_id, token = created["id"], created["key"]
-            run(
-                home,
-                "permissions",
-                "add",
-                key_id,
-                "--project",
-                "p1",
-                "--service",
-                "svc",
-                "--prefix",
-                "/api/webhook",
-            )
+            key_id, token = key_for_service(home, upstream.url, "/api/webhook")
             run(
                 home,
                 "grants",
@@ -190,19 +179,6 @@ class TestServe:
                 "filemanager://p1/inputs/x.csv",
                 "--type",
                 "csv",
-            )
-            run(
-                home,
-                "services",
-                "add",
-                "--project",
-                "p1",
-                "--lineage-version",
-                "1",
-                "--service",
-                "svc",
-                "--url",
-                upstream.url,
             )
             source = tmp_path / "x.csv"
             source.write_text("a,b\n1,2\n")
@@ -252,35 +228,19 @@ class TestServe:
             assert list(staging.iterdir()) == [fresh]
 
 
-def key_for_service(home: Path, url: str) -> str:
-    """Register ``svc`` of project p1 at ``url``; return a key that may call it."""
+def key_for_service(home: Path, url: str, prefix: str = "/") -> tuple[str, str]:
+    """Register ``svc`` of project p1 at ``url``; return a key that may call it.
+
+    Returns:
+        The key's id and its token.
+    """
     created = json.loads(run(home, "keys", "create", "--project", "p1", "--json"))
-    run(
-        home,
-        "permissions",
-        "add",
-        created["id"],
-        "--project",
-        "p1",
-        "--service",
-        "svc",
-        "--prefix",
-        "/",
-    )
-    run(
-        home,
-        "services",
-        "add",
-        "--project",
-        "p1",
-        "--lineage-version",
-        "1",
-        "--service",
-        "svc",
-        "--url",
-        url,
-    )
-    return str(created["key"])
+    key_id = str(created["id"])
+    permission = ["--project", "p1", "--service", "svc", "--prefix", prefix]
+    run(home, "permissions", "add", key_id, *permission)
+    service = ["--project", "p1", "--lineage-version", "1", "--service", "svc"]
+    run(home, "services", "add", *service, "--url", url)
+    return key_id, str(created["key"])
 
 
 class TestForwarderChoice:
@@ -294,7 +254,7 @@ class TestForwarderChoice:
         home = tmp_path / "home"
         upstream = Upstream()
         try:
-            token = key_for_service(home, upstream.url)
+            _, token = key_for_service(home, upstream.url)
             with serving(home, "--forwarder", forwarder) as line:
                 host, port = line.split()[3].removeprefix("http://").split(":")
                 connection = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -317,7 +277,7 @@ class TestForwarderChoice:
         upstream = Upstream()
         upstream.delay = 3.0
         try:
-            token = key_for_service(home, upstream.url)
+            _, token = key_for_service(home, upstream.url)
             with serving(home, "--read-timeout", "1") as line:
                 base = line.split()[3]
                 started = time.monotonic()
@@ -352,14 +312,8 @@ class TestForwarderChoice:
 
     def test_an_unknown_client_is_refused(self, tmp_path):
         """Only the clients that exist can be named."""
-        done = subprocess.run(
-            [COMMAND, "--home", str(tmp_path), "serve", "--forwarder", "wget"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 2
-        assert "invalid choice: 'wget'" in done.stderr
+        message = refused(tmp_path, "serve", "--forwarder", "wget")
+        assert "invalid choice: 'wget'" in message
 
 
 class TestDemo:
