@@ -71,7 +71,7 @@ class _Exchange:
     taken from those lines here.
     """
 
-    def __init__(self, body: Readable | None, head: bool) -> None:
+    def __init__(self, body: Readable | None, head: bool, resendable: bool) -> None:
         self.body = body
         self.head = head
         self.status = 0
@@ -82,8 +82,8 @@ class _Exchange:
         self.failure: BaseException | None = None
         # What was read of the body, kept while small, so that libcurl can
         # send it again on a fresh connection when a reused one turns out
-        # to have been closed by the upstream.
-        self.sent: bytearray | None = bytearray()
+        # to have been closed by the upstream; only for a call it may resend.
+        self.sent: bytearray | None = bytearray() if resendable else None
         self.replay = 0
         self.attempts = 0
 
@@ -203,7 +203,11 @@ class CurlForwarder:
         """
         handle = self._borrow()
         try:
-            exchange = _Exchange(request.body, head=request.method == "HEAD")
+            exchange = _Exchange(
+                request.body,
+                head=request.method == "HEAD",
+                resendable=request.method in _IDEMPOTENT,
+            )
             self._prepare(handle, request, exchange)
             self._perform(handle, exchange)
         except BaseException:
@@ -269,10 +273,8 @@ class CurlForwarder:
         # An upstream may send a body after a HEAD answer anyway; those bytes
         # would be read as the next call's answer, so the connection goes.
         handle.setopt(pycurl.FORBID_REUSE, 1 if exchange.head else 0)
-        handle.setopt(
-            pycurl.PREREQFUNCTION,
-            None if request.method in _IDEMPOTENT else exchange.once,
-        )
+        resendable = exchange.sent is not None
+        handle.setopt(pycurl.PREREQFUNCTION, None if resendable else exchange.once)
         if not sends:
             handle.setopt(pycurl.TIMEOUT_MS, _ms(limit))
             return

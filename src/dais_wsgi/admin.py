@@ -201,6 +201,19 @@ class _AdminResource:
         record = AuditRecord(self.runtime.clock(), admin.id, action, target, detail)
         self.store.record_audit(record)
 
+    def answer_change(
+        self,
+        resp: falcon.Response,
+        admin: AdminToken,
+        action: str,
+        key_id: str,
+        **detail: Any,
+    ) -> None:
+        """Drop the key's cached copy, audit the change, answer the key as now."""
+        self.changed(key_id)
+        self.audit(admin, action, key_id, **detail)
+        resp.media = credential_json(self.credential(key_id))
+
     def changed(self, key_id: str) -> None:
         invalidate: Callable[[str], None] | None = getattr(
             self.runtime.keys, "invalidate", None
@@ -271,9 +284,7 @@ class Revoke(_AdminResource):
         """Revoke a key now."""
         admin = self.platform(req)
         self.store.revoke(key_id, self.runtime.clock())
-        self.changed(key_id)
-        self.audit(admin, "key.revoke", key_id)
-        resp.media = credential_json(self.credential(key_id))
+        self.answer_change(resp, admin, "key.revoke", key_id)
 
 
 class Rotate(_AdminResource):
@@ -309,9 +320,7 @@ class SetExpiry(_AdminResource):
         admin = self.platform(req)
         body: Expiry = _body(req, Expiry)
         self.store.set_expiry(key_id, _time(body.expires))
-        self.changed(key_id)
-        self.audit(admin, "key.expiry", key_id, expires=body.expires)
-        resp.media = credential_json(self.credential(key_id))
+        self.answer_change(resp, admin, "key.expiry", key_id, expires=body.expires)
 
 
 def _permission(body: PermissionBody) -> Permission:
@@ -331,9 +340,9 @@ class Permissions(_AdminResource):
         admin = self.platform(req)
         permission = _permission(_body(req, PermissionBody))
         self.store.add_permission(key_id, permission)
-        self.changed(key_id)
-        self.audit(admin, "permission.add", key_id, prefix=permission.prefix)
-        resp.media = credential_json(self.credential(key_id))
+        self.answer_change(
+            resp, admin, "permission.add", key_id, prefix=permission.prefix
+        )
 
     def on_delete(
         self, req: falcon.Request, resp: falcon.Response, key_id: str
@@ -342,9 +351,9 @@ class Permissions(_AdminResource):
         admin = self.platform(req)
         permission = _permission(_body(req, PermissionBody))
         self.store.remove_permission(key_id, permission)
-        self.changed(key_id)
-        self.audit(admin, "permission.remove", key_id, prefix=permission.prefix)
-        resp.media = credential_json(self.credential(key_id))
+        self.answer_change(
+            resp, admin, "permission.remove", key_id, prefix=permission.prefix
+        )
 
 
 class Grants(_AdminResource):
@@ -363,9 +372,7 @@ class Grants(_AdminResource):
         except ValueError:
             raise InvalidData("type is binary, sqlite or csv") from None
         self.store.add_grant(key_id, Grant(resource, locations, data_type))
-        self.changed(key_id)
-        self.audit(admin, "grant.add", key_id, resource=resource)
-        resp.media = credential_json(self.credential(key_id))
+        self.answer_change(resp, admin, "grant.add", key_id, resource=resource)
 
     def on_delete(
         self, req: falcon.Request, resp: falcon.Response, key_id: str
@@ -374,9 +381,7 @@ class Grants(_AdminResource):
         admin = self.platform(req)
         resource = req.get_param("resource", required=True)
         self.store.remove_grant(key_id, resource)
-        self.changed(key_id)
-        self.audit(admin, "grant.remove", key_id, resource=resource)
-        resp.media = credential_json(self.credential(key_id))
+        self.answer_change(resp, admin, "grant.remove", key_id, resource=resource)
 
 
 class Services(_AdminResource):

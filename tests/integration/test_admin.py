@@ -70,6 +70,23 @@ def create_key(platform: Admin, project: str = "p1", **extra: Any) -> dict[str, 
     return dict(response.json())
 
 
+def log_in(
+    http: urllib3.PoolManager,
+    gateway: Gateway,
+    fields: dict[str, str],
+    headers: dict[str, str] | None = None,
+) -> urllib3.BaseHTTPResponse:
+    """Post the project area's login form, without following its redirect."""
+    return http.request(
+        "POST",
+        f"{gateway.url}/app/login",
+        fields=fields,
+        headers=headers,
+        encode_multipart=False,
+        redirect=False,
+    )
+
+
 def upload(gateway: Gateway, token: str, resource: str = "x") -> int:
     http = urllib3.PoolManager(retries=False)
     return int(
@@ -300,12 +317,8 @@ class TestProjectArea:
         """The form login gives a cookie that opens the page; logout drops it."""
         lead = project_admin(gateway, "p1")
         http = urllib3.PoolManager(retries=False)
-        login = http.request(
-            "POST",
-            f"{gateway.url}/app/login",
-            fields={"token": lead.token, "next": "/app/p1/admin/apikeys"},
-            encode_multipart=False,
-            redirect=False,
+        login = log_in(
+            http, gateway, {"token": lead.token, "next": "/app/p1/admin/apikeys"}
         )
         assert login.status == 303
         assert login.headers["Location"] == "/app/p1/admin/apikeys"
@@ -335,12 +348,8 @@ class TestProjectArea:
         """A next parameter pointing off the area is ignored."""
         lead = project_admin(gateway, "p1")
         http = urllib3.PoolManager(retries=False)
-        login = http.request(
-            "POST",
-            f"{gateway.url}/app/login",
-            fields={"token": lead.token, "next": "//elsewhere.example/app/"},
-            encode_multipart=False,
-            redirect=False,
+        login = log_in(
+            http, gateway, {"token": lead.token, "next": "//elsewhere.example/app/"}
         )
         assert login.headers["Location"] == "/app/p1/admin/apikeys"
 
@@ -357,15 +366,13 @@ class TestProjectArea:
     def test_a_wrong_token_at_login_shows_the_form_again(self, gateway):
         """The form comes back with a 401 and says why."""
         http = urllib3.PoolManager(retries=False)
-        login = http.request(
-            "POST",
-            f"{gateway.url}/app/login",
-            fields={
+        login = log_in(
+            http,
+            gateway,
+            {
                 "token": "daisadm_0000000000000000_nope",
                 "next": "/app/p1/admin/apikeys",
             },
-            encode_multipart=False,
-            redirect=False,
         )
         assert login.status == 401
         text = login.data.decode()
@@ -377,13 +384,11 @@ class TestProjectArea:
         """A foreign Origin cannot log a browser in (login CSRF)."""
         lead = project_admin(gateway, "p1")
         http = urllib3.PoolManager(retries=False)
-        login = http.request(
-            "POST",
-            f"{gateway.url}/app/login",
-            fields={"token": lead.token, "next": "/app/p1/admin/apikeys"},
+        login = log_in(
+            http,
+            gateway,
+            {"token": lead.token, "next": "/app/p1/admin/apikeys"},
             headers={"Origin": "https://elsewhere.example"},
-            encode_multipart=False,
-            redirect=False,
         )
         assert login.status == 403
         assert "Set-Cookie" not in login.headers
