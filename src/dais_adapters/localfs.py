@@ -1,9 +1,10 @@
 """Local-folder storage: the File Manager as a folder on this machine.
 
 ``filemanager://P/inputs/x.csv`` is ``<root>/P/inputs/x.csv``. A staged copy
-is written under ``<root>/.dais-staging`` with a unique name, flushed to disk,
-and renamed over the destination on commit, so readers see the old file or
-the new one whole, never a part. The root must be one filesystem, since a
+is written under ``<root>/.dais-staging`` with a unique name (past the page
+cache where the filesystem allows, see :mod:`dais_adapters._directio`),
+flushed to disk, and renamed over the destination on commit, so readers see
+the old file or the new one whole, never a part. The root must be one filesystem, since a
 rename cannot cross filesystems.
 """
 
@@ -16,8 +17,8 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
 
+from dais_adapters._directio import NewFile
 from dais_adapters.hooks import StorageContext, hookimpl
 from dais_core.errors import PublishFailed
 from dais_core.ports import Storage
@@ -59,7 +60,7 @@ class _StagedFile:
     """
 
     def __init__(
-        self, temp: Path, destination: Path, handle: BinaryIO, staging: Path
+        self, temp: Path, destination: Path, handle: NewFile, staging: Path
     ) -> None:
         self.temp = temp
         self.destination = destination
@@ -170,7 +171,7 @@ class LocalFolderStorage:
         with _translated("stage the file"):
             self.staging.mkdir(parents=True, exist_ok=True)
             temp = self.staging / f"{uuid.uuid4().hex}{_SUFFIX}"
-            handle = open(temp, "xb")  # noqa: SIM115 - closed by commit or abort
+            handle = NewFile(temp)
         return _StagedFile(temp, destination, handle, self.staging)
 
     def ping(self) -> None:
