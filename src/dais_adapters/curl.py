@@ -10,6 +10,12 @@ Each handle keeps its own connection cache, and the forwarder lends handles
 out one per call (a handle is never used by two threads at once), so there
 are at most as many handles as calls in flight.
 
+A body of known length up to 64 KiB (nearly every webhook call) is read
+whole before the call and handed to libcurl at once: libcurl then needs no
+Python callback to send it, or to send it again on a fresh connection, and
+a caller that breaks off mid-body never leaves the upstream a partial one.
+A longer or unsized body streams through a read callback.
+
 Timeouts, in libcurl's terms: ``connect_timeout`` bounds the connection;
 ``read_timeout`` is libcurl's stall limit (under one byte a second for that
 many whole seconds); and the whole exchange is capped at connect + read (+
@@ -31,7 +37,12 @@ from typing import Any
 import pycurl
 
 from dais_adapters.hooks import ForwarderOptions, hookimpl
-from dais_core.errors import DaisError, UpstreamTimeout, UpstreamUnreachable
+from dais_core.errors import (
+    DaisError,
+    IncompleteBody,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from dais_core.ports import ForwardRequest, Readable
 
 __all__ = ["CurlForwarder"]
@@ -46,6 +57,10 @@ MAX_DRAINED = 64 * 1024
 #: Bytes of a body kept for sending it again on a fresh connection.
 MAX_REPLAYED = 64 * 1024
 
+#: A body of known length up to this size is read before the call and given
+#: to libcurl whole.
+MAX_WHOLE = 64 * 1024
+
 #: Methods a request may be sent twice with (RFC 9110, section 9.2.2). libcurl
 #: resends a request on a new connection when a reused one broke before any
 #: answer; for any other method that could apply it twice (the upstream may
@@ -57,8 +72,9 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _CONTENT_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 #: Headers libcurl (and pycurl, naming every library version) would add on
-#: their own; an empty value tells libcurl not to.
-_CURL_DEFAULTS = ("Accept", "Expect", "User-Agent")
+#: their own (a body given whole would be labelled a form); an empty value
+#: tells libcurl not to.
+_CURL_DEFAULTS = ("Accept", "Content-Type", "Expect", "User-Agent")
 
 _TIMED_OUT = {pycurl.E_OPERATION_TIMEDOUT}
 
@@ -201,14 +217,15 @@ class CurlForwarder:
             UpstreamTimeout: The upstream was too slow.
             DaisError: Reading the caller's body failed (too large, cut off).
         """
+        whole = _whole_body(request)
         handle = self._borrow()
         try:
             exchange = _Exchange(
-                request.body,
+                None if whole is not None else request.body,
                 head=request.method == "HEAD",
                 resendable=request.method in _IDEMPOTENT,
             )
-            self._prepare(handle, request, exchange)
+            self._prepare(handle, request, exchange, whole)
             self._perform(handle, exchange)
         except BaseException:
             handle.close()
@@ -256,19 +273,27 @@ class CurlForwarder:
         return handle
 
     def _prepare(
-        self, handle: pycurl.Curl, request: ForwardRequest, exchange: _Exchange
+        self,
+        handle: pycurl.Curl,
+        request: ForwardRequest,
+        exchange: _Exchange,
+        whole: bytes | None,
     ) -> None:
         options = self.options
         limit = options.connect_timeout + options.read_timeout
-        sends = request.body is not None and not exchange.head
+        sends = request.body is not None and not exchange.head and whole is None
         handle.setopt(pycurl.URL, request.url)
         handle.setopt(pycurl.HTTPHEADER, _header_lines(request))
         handle.setopt(pycurl.HEADERFUNCTION, exchange.header)
         handle.setopt(pycurl.WRITEFUNCTION, exchange.write)
         # A handle remembers its last call: UPLOAD first, since it resets the
-        # method, then NOBODY (HEAD waits for no body), then the verb itself.
+        # method (to GET, where a body given whole earlier is not sent), then
+        # NOBODY (HEAD waits for no body), the whole body, then the verb.
         handle.setopt(pycurl.UPLOAD, 1 if sends else 0)
         handle.setopt(pycurl.NOBODY, 1 if exchange.head else 0)
+        if whole is not None:
+            handle.setopt(pycurl.POSTFIELDSIZE_LARGE, len(whole))
+            handle.setopt(pycurl.POSTFIELDS, whole)
         handle.setopt(pycurl.CUSTOMREQUEST, request.method)
         # An upstream may send a body after a HEAD answer anyway; those bytes
         # would be read as the next call's answer, so the connection goes.
@@ -312,6 +337,36 @@ class CurlForwarder:
                 "the upstream service did not answer in time"
             ) from error
         raise UpstreamUnreachable(_unreachable(code)) from error
+
+
+def _whole_body(request: ForwardRequest) -> bytes | None:
+    """Read a small body of known length before the call; ``None`` otherwise.
+
+    Raises:
+        DaisError: Reading the caller's body failed (cut off, too slow).
+        UpstreamUnreachable: It failed in another way.
+    """
+    length = request.content_length
+    body = request.body
+    if body is None or length is None or length > MAX_WHOLE:
+        return None
+    if request.method == "HEAD":
+        return None
+    blocks = []
+    left = length
+    try:
+        while left > 0 and (block := body.read(left)):
+            blocks.append(block)
+            left -= len(block)
+    except DaisError:
+        raise
+    except Exception as exc:
+        raise UpstreamUnreachable(
+            "the caller's body could not be sent upstream"
+        ) from exc
+    if left > 0:
+        raise IncompleteBody("the caller's body ended before its Content-Length")
+    return b"".join(blocks)
 
 
 def _unreachable(code: object) -> str:

@@ -18,7 +18,12 @@ import pytest
 from dais_adapters.curl import CurlForwarder
 from dais_adapters.forwarder import Urllib3Forwarder
 from dais_adapters.hooks import ForwarderOptions, plugin_manager
-from dais_core.errors import TooLarge, UpstreamTimeout, UpstreamUnreachable
+from dais_core.errors import (
+    IncompleteBody,
+    TooLarge,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from dais_core.ports import Forwarder, ForwardRequest
 from tests.upstream import RawUpstream, Upstream
 
@@ -153,6 +158,24 @@ class TestFaithful:
             assert send(forwarder, upstream.url + "/p", body=b"x") == 200
         assert [c.method for c in upstream.calls] == ["HEAD", "POST"] * 5
 
+    @pytest.mark.parametrize("size", [0, 1, 64 * 1024, 64 * 1024 + 1])
+    def test_a_body_arrives_whole_on_either_side_of_the_small_body_limit(
+        self, make, upstream, size
+    ):
+        """Bodies read before the call and bodies streamed arrive the same."""
+        body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+        forwarder = make()
+        assert send(forwarder, upstream.url + "/x", "PATCH", body) == 200
+        assert send(forwarder, upstream.url + "/y", "GET", None) == 200
+        first, second = upstream.calls[-2:]
+        assert (first.method, first.body) == ("PATCH", body)
+        assert (second.method, second.body) == ("GET", b"")
+
+    def test_the_client_labels_no_body_of_its_own(self, make, upstream):
+        """A body without a Content-Type from the caller arrives without one."""
+        assert send(make(), upstream.url + "/x", body=b"a=b") == 200
+        assert "content-type" not in upstream.calls[-1].headers
+
     def test_a_body_of_unknown_length_goes_chunked(self, make, upstream):
         """Without a length the body is sent chunked and arrives whole."""
         body = bytes(range(256)) * 1000
@@ -241,6 +264,16 @@ class TestCurlAnswers:
         finally:
             upstream.close()
         assert time.monotonic() - started < 2.0
+
+    def test_a_small_body_cut_short_never_reaches_the_upstream(self, upstream):
+        """A body that ends before its Content-Length fails before any call."""
+        forwarder = CurlForwarder(ForwarderOptions())
+        request = ForwardRequest(
+            "POST", upstream.url + "/x", (), io.BytesIO(b"only ten b"), 100
+        )
+        with pytest.raises(IncompleteBody):
+            forwarder.forward(request)
+        assert upstream.calls == []
 
     def test_a_head_cut_off_is_no_answer(self):
         """An upstream closing halfway through its head gave no status to relay."""
