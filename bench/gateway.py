@@ -17,7 +17,8 @@ fixed number of small POSTs (``--requests``, default 5000) along each path:
 
 - ``direct``: straight at the upstream;
 - ``gateway``: through ``dais-gateway serve`` (its own process, default
-  settings, ``DAIS_LOG_LEVEL=WARNING``) at
+  settings, so its threads keep to one CPU unless ``--cpu-affinity off``;
+  ``DAIS_LOG_LEVEL=WARNING``) at
   ``/project-gateway/webhooks/bench/lineage-version/latest/echo/api/webhook/ping``
   with a real key, permission and service set up with the ``dais-gateway``
   command line;
@@ -284,7 +285,11 @@ def dais_cli(home: Path, *args: str) -> str:
 
 
 def start_gateway(
-    procs: Processes, home: Path, upstream: int, workers: int = 1
+    procs: Processes,
+    home: Path,
+    upstream: int,
+    workers: int = 1,
+    cpu_affinity: str = "auto",
 ) -> tuple[int, str]:
     """Set up a key, a permission and a service, then serve; return port, key."""
     made = json.loads(
@@ -321,6 +326,7 @@ def start_gateway(
     argv = [sys.executable, "-m", "dais_wsgi.cli", "--home", str(home)]
     # One key drives every connection: lift the per-key cap on calls in flight.
     argv += ["serve", "--host", HOST, "--port", "0", "--gateway-in-flight", "0"]
+    argv += ["--cpu-affinity", cpu_affinity]
     if workers > 1:
         # Several processes share one throttle in Redis (127.0.0.1:6379).
         argv += ["--workers", str(workers), "--throttle", "redis://127.0.0.1:6379/0"]
@@ -657,7 +663,7 @@ def http_part(
     )
     upstream = start_upstream(procs, load.status)
     gateway, token = start_gateway(
-        procs, workdir / "gateway", upstream, args.gateway_workers
+        procs, workdir / "gateway", upstream, args.gateway_workers, args.cpu_affinity
     )
     targets = [("direct", upstream, ROUTE), ("gateway", gateway, GATEWAY_PATH)]
     nginx_note = "not run (--no-nginx)"
@@ -684,6 +690,10 @@ def http_part(
         how = f"Python http.client, {load.processes} processes x 1 connection"
     print(f"\n== HTTP: {args.requests} POSTs of {len(BODY)} bytes per path ==")
     print(f"load generator: {how}")
+    print(
+        f"gateway: {args.gateway_workers} process(es), "
+        f"--cpu-affinity {args.cpu_affinity}"
+    )
     print(f"nginx: {nginx_note}")
     if load.status == 204:
         print(
@@ -1156,6 +1166,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="gateway processes (serve --workers; >1 needs Redis on 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--cpu-affinity",
+        default="auto",
+        help="serve --cpu-affinity for the gateway: auto (default) or off",
     )
     parser.add_argument(
         "--decisions",

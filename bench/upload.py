@@ -18,7 +18,8 @@ hits every case alike:
   ``dais_wsgi.server.create_server`` by a wrapper that passes the very options
   ``make_server`` builds to ``waitress.server.create_server`` with the sink as
   the app, and ``make_server`` then sets ``StreamingChannel`` and the request
-  deadline as usual. No disk, no multipart parsing, no hashing: the ceiling of
+  deadline as usual. Like the upload handler, it reads the body on a thread
+  allowed every CPU (``serve`` keeps its other threads on one). No disk, no multipart parsing, no hashing: the ceiling of
   the HTTP stack on these settings.
 - ``gateway``: ``curl -F data=@FILE`` to
   ``/integration/v1/resources/big/<name>`` of ``dais-gateway serve`` (default
@@ -141,6 +142,7 @@ import sys
 import waitress.server
 
 import dais_wsgi.server
+from dais_wsgi.affinity import widened
 from dais_wsgi.cli import main
 
 BLOCK = 1 << 20
@@ -150,8 +152,10 @@ options_path = sys.argv.pop(1)
 def raw_sink(environ, start_response):
     stream = environ["wsgi.input"]
     total = 0
-    while block := stream.read(BLOCK):
-        total += len(block)
+    # As the upload handler does: the body's thread may use every CPU.
+    with widened():
+        while block := stream.read(BLOCK):
+            total += len(block)
     body = json.dumps({"received": total}).encode()
     start_response(
         "200 OK",

@@ -42,6 +42,7 @@ from dais_core.rules import resource_id_from_target
 from dais_core.usecases import PublishResult, authenticate, authorise_call, publish
 from dais_core.values import Credential, ForwardRecord, PublishRecord
 from dais_wsgi.admin import add_admin_routes
+from dais_wsgi.affinity import widened
 from dais_wsgi.area import area_error
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.metrics import Health, Metrics, MetricsResource, Readiness
@@ -277,9 +278,11 @@ class UploadSink:
 
         form = self._form(req)
         expected = _expected_digest(req)
-        result = self._publish(
-            req, credential.key.id, resource_id, target, form, expected
-        )
+        # Hashing and disk waits run without the GIL: let them use every CPU.
+        with widened():
+            result = self._publish(
+                req, credential.key.id, resource_id, target, form, expected
+            )
         resp.media = {
             "resource": result.resource,
             "size": result.size,

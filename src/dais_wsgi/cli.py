@@ -65,6 +65,12 @@ def _rate(text: str | None) -> RatePolicy | None:
         ) from None
 
 
+def _cpu_affinity(text: str) -> str:
+    if text in {"auto", "off"} or (text.isdigit() and len(text) <= 4):
+        return text
+    raise argparse.ArgumentTypeError(f"auto, off or a CPU number, not {text!r}")
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     home = Path(args.home or os.environ.get("DAIS_HOME") or DEFAULT_HOME)
     served: dict[str, Any] = {
@@ -89,6 +95,9 @@ def _settings(args: argparse.Namespace) -> Settings:
             "forwarder": args.forwarder
             or os.environ.get("DAIS_FORWARDER")
             or Settings().forwarder,
+            "cpu_affinity": getattr(args, "cpu_affinity", None)
+            or os.environ.get("DAIS_CPU_AFFINITY")
+            or Settings().cpu_affinity,
         }
         if args.filemanager:
             served["filemanager_root"] = Path(args.filemanager)
@@ -239,12 +248,18 @@ def _plain(instance: Any, field: Any, value: Any) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from dais_wsgi.affinity import choose_cpu, pin
     from dais_wsgi.server import make_server, run_until, stop_on_signals
     from dais_wsgi.workers import serve_workers
 
+    settings = _settings(args)
     if args.workers > 1:
-        return serve_workers(_settings(args), args.argv, args.workers)
-    runtime = bootstrap(_settings(args))
+        return serve_workers(settings, args.argv, args.workers)
+    cpu = choose_cpu(settings.cpu_affinity)
+    if cpu is not None:
+        # Before any thread starts: threads inherit the affinity.
+        pin(cpu)
+    runtime = bootstrap(settings)
     sockets = []
     if args.listen_fd is not None:
         sockets = [socket.socket(fileno=args.listen_fd)]
@@ -415,6 +430,12 @@ def _parser() -> argparse.ArgumentParser:
             f"{defaults.forwarder})",
         )
         if name == "serve":
+            command.add_argument(
+                "--cpu-affinity",
+                type=_cpu_affinity,
+                help="keep the server on one CPU: auto, off or a CPU number "
+                "(default: $DAIS_CPU_AFFINITY or auto)",
+            )
             command.add_argument(
                 "--workers",
                 type=int,

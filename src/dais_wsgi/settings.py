@@ -77,6 +77,15 @@ class Settings:
     #: Extend a caller's ``X-Forwarded-For`` chain instead of starting anew;
     #: set it only behind a proxy that overwrites the header.
     trust_forwarded: bool = False
+    #: Keep the server's threads on one CPU (see :mod:`dais_wsgi.affinity`):
+    #: ``auto`` keeps to the CPU ``serve`` starts on, or gives each of
+    #: ``serve --workers N`` its own; a CPU number names one; ``off`` leaves
+    #: placement to the system. An upload's thread uses every CPU while its
+    #: body streams.
+    cpu_affinity: str = attrs.field(
+        default="auto",
+        validator=attrs.validators.matches_re(r"auto|off|[0-9]{1,4}"),
+    )
 
     @property
     def resolved_store_url(self) -> str:

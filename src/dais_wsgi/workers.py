@@ -1,9 +1,11 @@
 """``serve --workers N``: several gateway processes on one listening socket.
 
-One process runs waitress, Falcon and urllib3 under one GIL, so it uses one
-core. With ``--workers N`` the parent binds the socket, starts N copies of
-``serve`` that inherit it and accept from it, and stops them (by PID) when
-it is stopped. The workers share keys, services and the throttle only
+One process runs waitress, Falcon and the forwarder under one GIL, so it
+uses one core. With ``--workers N`` the parent binds the socket, starts N
+copies of ``serve`` that inherit it and accept from it, each kept to a CPU
+of its own unless ``--cpu-affinity off`` (worker i on the i-th CPU the
+parent may use, round the list), and stops them (by PID) when it is
+stopped. The workers share keys, services and the throttle only
 through the store and the throttle state, so several workers need a shared
 throttle (Redis); the caps on requests in flight and the commit lock stay
 per worker.
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from dais_core.errors import InvalidData
+from dais_wsgi.affinity import choose_cpu
 from dais_wsgi.settings import Settings
 
 __all__ = ["serve_workers", "worker_argv"]
@@ -27,12 +30,13 @@ __all__ = ["serve_workers", "worker_argv"]
 log = logging.getLogger(__name__)
 
 
-def worker_argv(argv: Sequence[str], fd: int) -> list[str]:
+def worker_argv(argv: Sequence[str], fd: int, cpu: int | None = None) -> list[str]:
     """Return the command line of one worker: ``argv`` with one worker and ``fd``.
 
     Args:
         argv: The arguments the parent was given (without the program name).
         fd: The inherited listening socket.
+        cpu: The CPU the worker keeps to; ``None`` for none.
     """
     kept: list[str] = []
     skip = False
@@ -46,7 +50,11 @@ def worker_argv(argv: Sequence[str], fd: int) -> list[str]:
         if arg.startswith("--workers="):
             continue
         kept.append(arg)
-    return [sys.executable, "-m", "dais_wsgi.cli", *kept, "--listen-fd", str(fd)]
+    affinity = "off" if cpu is None else str(cpu)
+    return [
+        *(sys.executable, "-m", "dais_wsgi.cli", *kept),
+        *("--listen-fd", str(fd), "--cpu-affinity", affinity),
+    ]
 
 
 def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
@@ -59,6 +67,8 @@ def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
         raise InvalidData(
             "several workers need a shared throttle: --throttle redis://host:port/db"
         )
+    if settings.cpu_affinity not in {"auto", "off"}:
+        raise InvalidData("with --workers, --cpu-affinity is auto or off")
     try:
         listener = socket.create_server((settings.host, settings.port), backlog=1024)
     except OSError as exc:
@@ -68,13 +78,18 @@ def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
     fd = listener.fileno()
     children = [
         subprocess.Popen(
-            worker_argv(argv, fd), pass_fds=(fd,), stdout=subprocess.DEVNULL
+            worker_argv(argv, fd, choose_cpu(settings.cpu_affinity, worker=index)),
+            pass_fds=(fd,),
+            stdout=subprocess.DEVNULL,
         )
-        for _ in range(workers)
+        for index in range(workers)
     ]
     port = listener.getsockname()[1]
 
+    stopped = []
+
     def stop(signum: int, frame: FrameType | None) -> None:
+        stopped.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -92,4 +107,16 @@ def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
             child.wait()
     finally:
         listener.close()
-    return max(child.returncode or 0 for child in children)
+    return max(_exit_status(child.returncode, bool(stopped)) for child in children)
+
+
+def _exit_status(returncode: int, stopped: bool) -> int:
+    """A worker's exit as the parent's status: 0 if it stopped when told to.
+
+    A worker still starting when it is told to stop has no handler yet and
+    dies of the SIGTERM itself: that is the stop asked for. Another signal
+    gives the shell's 128 + N.
+    """
+    if returncode == -signal.SIGTERM and stopped:
+        return 0
+    return 128 - returncode if returncode < 0 else returncode

@@ -54,7 +54,16 @@ def refused(home: Path, *args: str) -> str:
 
 @contextlib.contextmanager
 def serving(home: Path, *options: str) -> Iterator[str]:
-    """Run ``dais-gateway serve`` on a free port; yield the line it announces.
+    """Run ``dais-gateway serve`` on a free port; yield the line it announces."""
+    with serving_process(home, *options) as (line, _):
+        yield line
+
+
+@contextlib.contextmanager
+def serving_process(
+    home: Path, *options: str
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Run ``dais-gateway serve``; yield the line it announces and the process.
 
     The process is stopped with SIGTERM afterwards and must exit cleanly;
     one that does not is killed, so that no test leaves a server behind.
@@ -69,7 +78,7 @@ def serving(home: Path, *options: str) -> Iterator[str]:
         assert process.stdout is not None
         line = process.stdout.readline()
         assert line.startswith("dais gateway on http://127.0.0.1:"), line
-        yield line
+        yield line, process
     finally:
         os.kill(process.pid, signal.SIGTERM)
         try:
@@ -515,6 +524,22 @@ class TestWorkers:
             ]
             assert statuses.count(200) == 1 and statuses.count(429) == 3, statuses
 
+    def test_each_worker_keeps_to_a_cpu_of_its_own(self, tmp_path):
+        """With ``auto`` affinity, worker i runs on the i-th CPU."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            pytest.skip("one CPU: nothing to spread the workers over")
+        throttle = ("--throttle", "redis://127.0.0.1:6379/0")
+        home = tmp_path / "home"
+        with serving_process(home, "--workers", "2", *throttle) as (_, parent):
+            deadline = time.monotonic() + 20
+            while True:
+                placed = sorted(thread_cpus(child) for child in children_of(parent.pid))
+                if placed == [{cpus[0]}, {cpus[1]}]:
+                    break
+                assert time.monotonic() < deadline, placed
+                time.sleep(0.1)
+
     def test_workers_without_a_shared_throttle_are_refused(self, tmp_path):
         """Several workers with the in-process throttle would admit N per second."""
         done = subprocess.run(
@@ -525,3 +550,73 @@ class TestWorkers:
         )
         assert done.returncode == 2
         assert "shared throttle" in done.stderr
+
+
+def thread_cpus(pid: int) -> set[int]:
+    """Return the CPUs the threads of ``pid`` may run on (all threads alike)."""
+    allowed = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in status.read_text().splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    allowed.add(line.split(":", 1)[1].strip())
+    assert len(allowed) == 1, f"threads of {pid} disagree: {allowed}"
+    return cpu_list(allowed.pop())
+
+
+def cpu_list(text: str) -> set[int]:
+    """Parse a kernel CPU list such as ``0-2,5``."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def children_of(pid: int) -> list[int]:
+    """Return the PIDs of the processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+class TestCpuAffinity:
+    """``serve`` keeps its threads on one CPU unless told otherwise."""
+
+    @pytest.fixture(autouse=True)
+    def _two_cpus(self) -> None:
+        if len(os.sched_getaffinity(0)) < 2:
+            pytest.skip("one CPU: there is no choice to make")
+
+    def test_auto_keeps_every_thread_on_one_cpu(self, tmp_path):
+        """By default every thread of the server shares one CPU."""
+        with serving_process(tmp_path / "home") as (_, process):
+            assert len(thread_cpus(process.pid)) == 1
+
+    def test_a_named_cpu_is_the_one_used(self, tmp_path):
+        """``--cpu-affinity N`` keeps the server on CPU N."""
+        last = max(os.sched_getaffinity(0))
+        options = ("--cpu-affinity", str(last))
+        with serving_process(tmp_path / "home", *options) as (_, process):
+            assert thread_cpus(process.pid) == {last}
+
+    def test_off_leaves_placement_to_the_system(self, tmp_path):
+        """``--cpu-affinity off`` leaves every thread free to move."""
+        options = ("--cpu-affinity", "off")
+        with serving_process(tmp_path / "home", *options) as (_, process):
+            assert thread_cpus(process.pid) == os.sched_getaffinity(0)
+
+    def test_a_cpu_the_server_may_not_use_is_refused(self, tmp_path):
+        """A CPU outside the allowed set is a clear error, not a crash."""
+        unusable = max(os.sched_getaffinity(0)) + 1
+        message = refused(tmp_path / "home", "serve", "--cpu-affinity", str(unusable))
+        assert f"CPU {unusable} is not one this process may use" in message
+
+    def test_a_malformed_setting_is_refused(self, tmp_path):
+        """Anything but auto, off or a number is refused by the parser."""
+        message = refused(tmp_path / "home", "serve", "--cpu-affinity", "fast")
+        assert "auto, off or a CPU number" in message
