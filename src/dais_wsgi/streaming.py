@@ -327,6 +327,20 @@ class KeepAliveTask(WSGITask):  # type: ignore[misc]
             super().set_close_on_finish()
 
 
+def _whole_body_in(request: StreamingParser, received: int) -> bool:
+    """Whether the bytes in hand already hold the request's whole body.
+
+    Such a request (a small webhook call, sent in one piece with its head)
+    gains nothing from streaming: waitress buffers it in memory as usual
+    and the request goes to a worker complete, without a pipe.
+    """
+    return (
+        not request.chunked
+        and not request.expect_continue
+        and request.content_length <= received
+    )
+
+
 class StreamingChannel(HTTPChannel):  # type: ignore[misc]
     """A waitress channel that streams request bodies to the application."""
 
@@ -368,6 +382,7 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
                     and not request.completed
                     and request.pipe is None
                     and request.body_rcv is not None
+                    and not _whole_body_in(request, len(data) - consumed)
                 ):
                     self._dispatch_streaming(request)
                 if request.completed:

@@ -9,11 +9,16 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from waitress.server import create_server
 
 from dais_core.values import DataType
+from dais_wsgi.server import BackgroundServer
+from dais_wsgi.streaming import StreamingChannel
 from tests.integration.conftest import FAST, Gateway
 
 pytestmark = pytest.mark.integration
@@ -287,3 +292,39 @@ class TestLargeUploads:
         assert sent > 64 * MiB
         stored = gateway.filemanager / "p1/big/random.bin"
         assert filecmp.cmp(stored, source, shallow=False)
+
+
+class TestWholeSmallBodies:
+    """A body that arrives with its head is not streamed; a later one is."""
+
+    @pytest.fixture
+    def inputs(self) -> Iterator[tuple[int, list[tuple[str, bytes]]]]:
+        """A bare streaming server recording what ``wsgi.input`` each call got."""
+        seen: list[tuple[str, bytes]] = []
+
+        def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            body = environ["wsgi.input"]
+            seen.append((type(body).__name__, body.read()))
+            start_response("204 No Content", [])
+            return []
+
+        server = create_server(app, host="127.0.0.1", port=0)
+        server.channel_class = StreamingChannel
+        runner = BackgroundServer(server).start()
+        yield server.effective_port, seen
+        runner.stop()
+
+    def test_a_body_sent_with_its_head_reaches_the_app_buffered(self, inputs):
+        """One piece: waitress' own buffer, no pipe; a split one streams."""
+        port, seen = inputs
+        head = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(head + b"hello")
+            assert sock.recv(100).startswith(b"HTTP/1.1 204")
+            sock.sendall(head + b"he")
+            time.sleep(0.2)
+            sock.sendall(b"llo")
+            assert sock.recv(100).startswith(b"HTTP/1.1 204")
+        assert seen[0][1] == seen[1][1] == b"hello"
+        assert seen[0][0] != "BodyPipe"
+        assert seen[1][0] == "BodyPipe"
