@@ -4,8 +4,8 @@
 is written under ``<root>/.dais-staging`` with a unique name (past the page
 cache where the filesystem allows, see :mod:`dais_adapters._directio`),
 flushed to disk, and renamed over the destination on commit, so readers see
-the old file or the new one whole, never a part. The root must be one filesystem, since a
-rename cannot cross filesystems.
+the old file or the new one whole, never a part. The root must be one
+filesystem, since a rename cannot cross filesystems.
 """
 
 from __future__ import annotations

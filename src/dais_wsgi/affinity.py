@@ -32,7 +32,7 @@ from pathlib import Path
 
 from dais_core.errors import InvalidData
 
-__all__ = ["allowed_cpus", "choose_cpu", "pin", "pinned_cpu", "widened"]
+__all__ = ["allowed_cpus", "choose_cpu", "pin", "widened"]
 
 _lock = threading.Lock()
 _home: int | None = None
@@ -76,11 +76,6 @@ def pin(cpu: int) -> None:
         _wide = frozenset(allowed_cpus())
         os.sched_setaffinity(0, {cpu})
         _home = cpu
-
-
-def pinned_cpu() -> int | None:
-    """Return the CPU the process was pinned to, if any."""
-    return _home
 
 
 @contextlib.contextmanager

@@ -11,7 +11,9 @@ soon as its headers are parsed. The body flows through a bounded
 :class:`BodyPipe`: the event loop appends what it receives and stops reading
 the socket while the pipe is full; the application reads from it. ``100
 Continue`` is sent only when the application first reads the body, so a
-request refused on its headers never has its body invited. When the
+request refused on its headers never has its body invited. A request whose
+whole body came in the same read as its head skips the pipe: waitress
+buffers it in memory as usual. When the
 application answers without reading the whole body, the connection is not
 read further: the response is flushed, the sending side shut, and what the
 client still sends is drained for a short while (bounded in bytes and time)

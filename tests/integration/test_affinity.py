@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
 from dais_core.errors import InvalidData
 from dais_wsgi.affinity import allowed_cpus, choose_cpu
+from tests.child import run_python
 
 pytestmark = pytest.mark.skipif(
     len(allowed_cpus()) < 2, reason="one CPU: there is no choice to make"
@@ -48,8 +44,7 @@ def test_an_upload_thread_widens_and_narrows_again():
 
     Run in a child process: pinning is process state.
     """
-    script = textwrap.dedent(
-        """
+    script = """
         import os, threading
         from dais_wsgi.affinity import allowed_cpus, pin, widened
         cpus = set(allowed_cpus())
@@ -68,14 +63,4 @@ def test_an_upload_thread_widens_and_narrows_again():
         print(before == {home}, seen["inside"] == cpus, seen["helper"] == cpus,
               after == {home})
         """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ},
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "True", "True", "True"]
+    assert run_python(script).split() == ["True", "True", "True", "True"]

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from dais_adapters._directio import BLOCK, BLOCKS, NewFile
+from tests.child import run_python
 
 TMPFS = Path("/dev/shm")
 
@@ -133,8 +131,7 @@ def test_a_failed_write_on_the_writer_thread_reaches_the_caller(
     The child process caps its file size (``RLIMIT_FSIZE``) so that the
     second block's write fails with ``EFBIG`` on the writer thread.
     """
-    script = textwrap.dedent(
-        f"""
+    script = f"""
         import errno, os, resource, signal, sys
         from pathlib import Path
         from dais_adapters._directio import BLOCK, NewFile
@@ -151,13 +148,4 @@ def test_a_failed_write_on_the_writer_thread_reaches_the_caller(
             print("no error")
         target.close()
         """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "raised EFBIG"
+    assert run_python(script).strip() == "raised EFBIG"
