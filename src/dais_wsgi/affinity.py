@@ -80,16 +80,24 @@ def pin(cpu: int) -> None:
 
 @contextlib.contextmanager
 def widened() -> Iterator[None]:
-    """Let the calling thread use every allowed CPU for a while."""
-    home, wide = _home, _wide
-    if home is None:
+    """Let the calling thread use every allowed CPU for a while.
+
+    Afterwards the thread gets back the CPUs it had, even if an operator
+    moved it meanwhile. A change of CPUs the system refuses (a container's
+    CPU set shrank, say) leaves the thread where it is: placement is a
+    matter of speed, never a reason to fail a request.
+    """
+    if _home is None:
         yield
         return
-    os.sched_setaffinity(0, wide)
+    before = os.sched_getaffinity(0)
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, _wide)
     try:
         yield
     finally:
-        os.sched_setaffinity(0, {home})
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, before)
 
 
 def _current_cpu() -> int | None:

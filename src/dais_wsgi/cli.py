@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -66,7 +67,7 @@ def _rate(text: str | None) -> RatePolicy | None:
 
 
 def _cpu_affinity(text: str) -> str:
-    if text in {"auto", "off"} or (text.isdigit() and len(text) <= 4):
+    if re.fullmatch(r"auto|off|[0-9]{1,4}", text):
         return text
     raise argparse.ArgumentTypeError(f"auto, off or a CPU number, not {text!r}")
 
@@ -104,7 +105,11 @@ def _settings(args: argparse.Namespace) -> Settings:
         upload_rate = _rate(args.upload_rate)
         if upload_rate is not None:
             served["upload_rate"] = upload_rate
-    return Settings(home=home, **served)
+    try:
+        return Settings(home=home, **served)
+    except ValueError as exc:
+        # A value from the environment that the settings refuse.
+        raise InvalidData(f"invalid configuration: {exc.args[0]}") from None
 
 
 def _store(args: argparse.Namespace) -> AdminStore:

@@ -64,3 +64,19 @@ def test_an_upload_thread_widens_and_narrows_again():
               after == {home})
         """
     assert run_python(script).split() == ["True", "True", "True", "True"]
+
+
+def test_a_thread_moved_meanwhile_gets_back_where_it_was():
+    """A thread an operator moved while it was widened returns to where it
+    was moved, not to the CPU chosen at start-up."""
+    script = """
+        import os
+        from dais_wsgi.affinity import allowed_cpus, pin, widened
+        cpus = allowed_cpus()
+        pin(cpus[-1])
+        os.sched_setaffinity(0, {cpus[0]})
+        with widened():
+            pass
+        print(os.sched_getaffinity(0) == {cpus[0]})
+        """
+    assert run_python(script).split() == ["True"]

@@ -616,7 +616,29 @@ class TestCpuAffinity:
         message = refused(tmp_path / "home", "serve", "--cpu-affinity", str(unusable))
         assert f"CPU {unusable} is not one this process may use" in message
 
-    def test_a_malformed_setting_is_refused(self, tmp_path):
-        """Anything but auto, off or a number is refused by the parser."""
-        message = refused(tmp_path / "home", "serve", "--cpu-affinity", "fast")
+    @pytest.mark.parametrize(
+        "value", ["fast", "-1", "\u00b2"], ids=["word", "negative", "superscript-2"]
+    )
+    def test_a_malformed_setting_is_refused(self, tmp_path, value):
+        """Anything but auto, off or an ASCII number is refused by the parser."""
+        message = refused(tmp_path / "home", "serve", "--cpu-affinity", value)
         assert "auto, off or a CPU number" in message
+
+    @pytest.mark.parametrize(
+        ("variable", "value"),
+        [("DAIS_CPU_AFFINITY", "abc"), ("DAIS_FORWARDER", "xyz")],
+    )
+    def test_a_malformed_environment_value_is_a_clear_error(
+        self, tmp_path, variable, value
+    ):
+        """A bad value from the environment is refused in one line, no traceback."""
+        done = subprocess.run(
+            [COMMAND, "--home", str(tmp_path / "home"), "serve", "--port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, variable: value},
+        )
+        assert done.returncode == 2, done.stderr
+        assert "invalid configuration" in done.stderr
+        assert "Traceback" not in done.stderr
