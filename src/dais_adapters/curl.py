@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from typing import Any
 
@@ -77,6 +78,9 @@ _CONTENT_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _CURL_DEFAULTS = ("Accept", "Content-Type", "Expect", "User-Agent")
 
 _TIMED_OUT = {pycurl.E_OPERATION_TIMEDOUT}
+
+#: Characters that would split or end a header line.
+_LINE_BREAKERS = re.compile("[\r\n\0]")
 
 
 class _Exchange:
@@ -181,7 +185,7 @@ def _header_lines(request: ForwardRequest) -> list[bytes]:
     lines = []
     present = set()
     for name, value in request.headers:
-        if any(c in name + value for c in "\r\n\0"):
+        if _LINE_BREAKERS.search(name) or _LINE_BREAKERS.search(value):
             # waitress refuses these on the way in; never let one split a line.
             continue
         present.add(name.lower())

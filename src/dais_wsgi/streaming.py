@@ -439,21 +439,24 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
 
     def readable(self) -> bool:
         """Read while a streamed body has room, or while lingering."""
-        now = time.monotonic()
+        # The event loop asks every channel this on each turn, about twenty
+        # times per request: an idle connection is answered first.
         if self.linger_until:
-            if now > self.linger_until or self.linger_budget <= 0:
+            if time.monotonic() > self.linger_until or self.linger_budget <= 0:
                 self.will_close = True
                 return False
             return True
         request = self.request
-        if request is not None and now - request.started > self.request_timeout:
+        if request is None:
+            return bool(super().readable())
+        if time.monotonic() - request.started > self.request_timeout:
             if request.pipe is None:
                 self.will_close = True
                 return False
             request.pipe.fail(
                 RequestTimeout("the request did not finish within its deadline")
             )
-        if request is not None and request.pipe is not None:
+        if request.pipe is not None:
             return not (self.will_close or self.close_when_flushed or request.pipe.full)
         return bool(super().readable())
 
