@@ -19,8 +19,9 @@ hits every case alike:
   ``make_server`` builds to ``waitress.server.create_server`` with the sink as
   the app, and ``make_server`` then sets ``StreamingChannel`` and the request
   deadline as usual. Like the upload handler, it reads the body on a thread
-  allowed every CPU (``serve`` keeps its other threads on one). No disk, no multipart parsing, no hashing: the ceiling of
-  the HTTP stack on these settings.
+  allowed every CPU (``serve`` keeps its other threads on one). No disk, no
+  multipart parsing, no hashing: the ceiling of the HTTP stack on these
+  settings.
 - ``gateway``: ``curl -F data=@FILE`` to
   ``/integration/v1/resources/big/<name>`` of ``dais-gateway serve`` (default
   settings, ``DAIS_LOG_LEVEL=WARNING``), with a key and a prefix grant
@@ -86,8 +87,8 @@ curl: receiving the body) gives the least CPU any upload server needs;
 writing the bytes once costs next to no CPU when it bypasses the page cache,
 as the File Manager's staged copies do, so it is left out (``cp + sync``
 spends the CPU printed beside it, through the page cache). Spread perfectly
-over all cores, with no other cost at all, that CPU still takes that CPU
-divided by the cores. ``no upload server here can beat R x the raw sink``
+over all cores, with no other cost at all, it still takes that CPU divided
+by the cores. ``no upload server here can beat R x the raw sink``
 reports the raw sink's time over that; when R is under 0.5, the throughput
 target cannot be met on this machine by any design, only on one with more
 cores. ``--check`` makes a missed target an exit status of 1; ``--json PATH``
