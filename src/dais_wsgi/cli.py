@@ -47,7 +47,7 @@ from dais_core.values import (
 from dais_wsgi.admin import make_admin
 from dais_wsgi.bootstrap import AdminStore, admin_store, bootstrap
 from dais_wsgi.present import credential_json
-from dais_wsgi.settings import DEFAULT_HOME, FORWARDERS, Settings
+from dais_wsgi.settings import CPU_AFFINITY, DEFAULT_HOME, FORWARDERS, Settings
 
 __all__ = ["main"]
 
@@ -67,7 +67,7 @@ def _rate(text: str | None) -> RatePolicy | None:
 
 
 def _cpu_affinity(text: str) -> str:
-    if re.fullmatch(r"auto|off|[0-9]{1,4}", text):
+    if re.fullmatch(CPU_AFFINITY, text):
         return text
     raise argparse.ArgumentTypeError(f"auto, off or a CPU number, not {text!r}")
 

@@ -8,7 +8,7 @@ import attrs
 
 from dais_core.policies import RatePolicy
 
-__all__ = ["DEFAULT_HOME", "FORWARDERS", "GiB", "MiB", "Settings"]
+__all__ = ["CPU_AFFINITY", "DEFAULT_HOME", "FORWARDERS", "GiB", "MiB", "Settings"]
 
 #: The HTTP clients a gateway can forward webhook calls with.
 FORWARDERS = ("curl", "urllib3")
@@ -16,6 +16,8 @@ FORWARDERS = ("curl", "urllib3")
 MiB = 2**20
 GiB = 2**30
 DEFAULT_HOME = Path(".dais")
+#: What ``cpu_affinity`` may be: ``auto``, ``off`` or a CPU number.
+CPU_AFFINITY = r"auto|off|[0-9]{1,4}"
 
 
 @attrs.frozen
@@ -84,7 +86,7 @@ class Settings:
     #: body streams.
     cpu_affinity: str = attrs.field(
         default="auto",
-        validator=attrs.validators.matches_re(r"auto|off|[0-9]{1,4}"),
+        validator=attrs.validators.matches_re(CPU_AFFINITY),
     )
 
     @property
