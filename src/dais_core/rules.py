@@ -46,6 +46,8 @@ MAX_SEGMENT_BYTES = 255
 
 # RFC 3986 pchar, less ";" (path parameters are refused), as a raw segment.
 _RAW_SEGMENT = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,=:@]|%[0-9A-Fa-f]{2})+")
+# A segment of path characters that are all canonical as they are.
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@]+")
 # Characters kept literal in a canonical segment; everything else is %XX.
 _CANONICAL_SAFE = "-._~!$&'()*+,=:@"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
@@ -140,6 +142,16 @@ def _is_control(ch: str) -> bool:
 
 
 def _canonical_segment(raw: str) -> str:
+    if _PLAIN_SEGMENT.fullmatch(raw):
+        # Hot path: no escapes, so the segment is its own decoded and
+        # canonical form; only a dot segment is refused.
+        if raw.strip(".") == "":
+            raise InvalidRoute("dot segments are not allowed in a route")
+        return raw
+    return _decoded_segment(raw)
+
+
+def _decoded_segment(raw: str) -> str:
     if not _RAW_SEGMENT.fullmatch(raw):
         raise InvalidRoute(
             "route segments may hold only RFC 3986 path characters "

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import posixpath
 import re
+import string
+from collections.abc import Callable
 from urllib.parse import unquote
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from dais_core import rules
 from dais_core.errors import InvalidData, InvalidResourceId, InvalidRoute
 from dais_core.rules import (
     MAX_ROUTE_LENGTH,
@@ -34,6 +37,13 @@ _SMUGGLED = re.compile(r"%2f|%5c|%25|%00", re.IGNORECASE)
 def _accepted_route(raw: str) -> str | None:
     try:
         return normalise_route(raw)
+    except InvalidRoute:
+        return None
+
+
+def _outcome(canonical: Callable[[str], str], segment: str) -> str | None:
+    try:
+        return canonical(segment)
     except InvalidRoute:
         return None
 
@@ -153,6 +163,22 @@ class TestNormaliseRoute:
         """A route carrying an encoded separator, '%25', NUL, ';' or '\\' is refused."""
         with pytest.raises(InvalidRoute):
             normalise_route(raw)
+
+    @given(
+        st.text(
+            alphabet=string.ascii_letters + string.digits + "-._~!$&'()*+,=:@.",
+            min_size=1,
+            max_size=8,
+        )
+    )
+    @example(".")
+    @example("..")
+    @example("...")
+    def test_the_plain_segment_shortcut_agrees_with_full_decoding(self, segment):
+        """A segment without escapes comes out as full decoding gives it."""
+        assert _outcome(rules._canonical_segment, segment) == _outcome(
+            rules._decoded_segment, segment
+        )
 
     @given(st.text(max_size=20))
     def test_any_text_is_either_canonicalised_or_an_invalid_route(self, raw):
