@@ -254,7 +254,7 @@ def _plain(instance: Any, field: Any, value: Any) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     from dais_wsgi.affinity import choose_cpu, pin
-    from dais_wsgi.server import make_server, run_until, stop_on_signals
+    from dais_wsgi.server import Sweeper, make_server, run_until, stop_on_signals
     from dais_wsgi.workers import serve_workers
 
     settings = _settings(args)
@@ -278,10 +278,12 @@ def _serve(args: argparse.Namespace) -> int:
             f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
         ) from exc
     stopping = stop_on_signals(server)
+    sweeper = Sweeper(runtime).start()
     try:
         print(f"dais gateway on http://{args.host}:{server.effective_port}", flush=True)
         run_until(server, stopping)
     finally:
+        sweeper.stop()
         runtime.close()
     return 0
 

@@ -16,6 +16,7 @@ from dais_wsgi.streaming import StreamingChannel
 
 __all__ = [
     "BackgroundServer",
+    "Sweeper",
     "make_server",
     "run_until",
     "stop_on_signals",
@@ -36,6 +37,47 @@ def sweep_storages(runtime: Runtime) -> None:
         sweep = getattr(storage, "sweep", None)
         if callable(sweep):
             sweep(min_age=runtime.settings.request_timeout)
+
+
+class Sweeper:
+    """Sweep the storages for stale staged copies, over and over, on a thread.
+
+    The start-up sweep clears what this gateway's killed predecessor left;
+    this one clears what another gateway sharing the storage left when it
+    died, without waiting for a restart. A copy counts as stale once idle
+    for ``request_timeout``, so sweeping that often removes one within two
+    request timeouts of its last write.
+
+    Args:
+        runtime: The wired gateway.
+        interval: Seconds between sweeps (the request timeout, by default;
+            at least one).
+    """
+
+    def __init__(self, runtime: Runtime, interval: float | None = None) -> None:
+        self.runtime = runtime
+        self.interval = max(1.0, interval or runtime.settings.request_timeout)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name="dais-sweeper"
+        )
+
+    def start(self) -> Sweeper:
+        """Start sweeping; return ``self``."""
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop sweeping; wait up to ``timeout`` for a sweep under way."""
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval):
+            try:
+                sweep_storages(self.runtime)
+            except Exception as exc:  # the next sweep may fare better
+                log.warning("could not sweep the staged copies: %s", exc)
 
 
 def make_server(runtime: Runtime, **overrides: Any) -> Any:

@@ -236,6 +236,24 @@ class TestServe:
         with serving(home, "--request-timeout", "2"):
             assert list(staging.iterdir()) == [fresh]
 
+    def test_stale_staging_files_are_swept_while_serving(self, tmp_path):
+        """Another gateway's copy, idle past the deadline, goes without a restart."""
+        home = tmp_path / "home"
+        staging = home / "filemanager" / ".dais-staging"
+        staging.mkdir(parents=True)
+        with serving(home, "--request-timeout", "1"):
+            # Written after the start-up sweep, by a gateway that then died.
+            dead = staging / "0123.part"
+            dead.write_bytes(b"half an upload")
+            alive = staging / "4567.part"
+            deadline = time.monotonic() + 10
+            while dead.exists():
+                assert time.monotonic() < deadline, "the stale copy was never swept"
+                # An upload in flight writes to its copy all the time.
+                alive.write_bytes(b"another gateway's upload in flight")
+                time.sleep(0.1)
+            assert list(staging.iterdir()) == [alive]
+
 
 def key_for_service(home: Path, url: str, prefix: str = "/") -> tuple[str, str]:
     """Register ``svc`` of project p1 at ``url``; return a key that may call it.
