@@ -309,11 +309,12 @@ class KeepAliveTask(WSGITask):  # type: ignore[misc]
 
     def build_response_header(self) -> bytes:
         """Build the header; a 1xx, 204 or 304 on HTTP/1.1 keeps the connection."""
+        if _asks_to_close(self.request.headers.get("CONNECTION", "")):
+            # waitress closes for "close" alone; RFC 9112, section 9.6, for
+            # a "close" option anywhere in the list ("close, x-trace").
+            self.set_close_on_finish()
         self._bodiless_keep = (
-            not self.close_on_finish
-            and not self.has_body
-            and self.version == "1.1"
-            and self.request.headers.get("CONNECTION", "").lower() != "close"
+            not self.close_on_finish and not self.has_body and self.version == "1.1"
         )
         try:
             header: bytes = super().build_response_header()
@@ -327,6 +328,11 @@ class KeepAliveTask(WSGITask):  # type: ignore[misc]
         # connection for one reason only: the answer has no length.
         if not self._bodiless_keep:
             super().set_close_on_finish()
+
+
+def _asks_to_close(connection: str) -> bool:
+    """Whether a ``Connection`` header's options include ``close``."""
+    return "close" in (option.strip().lower() for option in connection.split(","))
 
 
 def _whole_body_in(request: StreamingParser, received: int) -> bool:

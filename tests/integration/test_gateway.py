@@ -130,18 +130,22 @@ class TestForwarding:
         assert sockets[0] is not None
         assert sockets == [sockets[0]] * 3
 
-    def test_a_bodiless_answer_closes_when_the_caller_asks(
-        self, gateway, upstream, caller
+    @pytest.mark.parametrize(
+        "options", ["close", "Close", "x-trace, close", "close,foo"]
+    )
+    @pytest.mark.parametrize("status", ["200 OK", "204 No Content"])
+    def test_the_connection_closes_when_the_caller_asks(
+        self, gateway, upstream, caller, options, status
     ):
-        """``Connection: close`` from the caller is still honoured after a 204."""
-        upstream.status = "204 No Content"
+        """A ``close`` option anywhere in ``Connection`` closes it after the answer."""
+        upstream.status = status
         request = (
             f"POST {BASE}/p1/lineage-version/3/svc/api/webhook HTTP/1.1\r\n"
             f"Host: x\r\nAuthorization: Bearer {caller}\r\n"
-            "Content-Length: 0\r\nConnection: close\r\n\r\n"
+            f"Content-Length: 0\r\nConnection: {options}\r\n\r\n"
         ).encode()
         answer = exchange(gateway, request)
-        assert answer.startswith(b"HTTP/1.1 204 ")
+        assert answer.startswith(f"HTTP/1.1 {status[:3]} ".encode())
         assert b"\r\nConnection: close\r\n" in answer
 
     @pytest.mark.parametrize(
