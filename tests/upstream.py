@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -105,6 +106,7 @@ class RawUpstream:
         answers: Requests answered on each connection; the next one is read
             whole and the connection closed without an answer (``None``
             answers them all).
+        late: Bytes sent 0.1 s after each answer, on the open connection.
     """
 
     def __init__(
@@ -112,10 +114,12 @@ class RawUpstream:
         answer: bytes,
         close_after: float | None = None,
         answers: int | None = None,
+        late: bytes = b"",
     ) -> None:
         self.answer = answer
         self.close_after = close_after
         self.answers = answers
+        self.late = late
         self.requests: list[bytes] = []
         self.connections = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -138,6 +142,11 @@ class RawUpstream:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        # A client may drop a connection it saw bytes on: that ends it too.
+        with contextlib.suppress(ConnectionError):
+            self._converse(conn)
+
+    def _converse(self, conn: socket.socket) -> None:
         conn.settimeout(5)
         buffered = b""
         answered = 0
@@ -162,6 +171,9 @@ class RawUpstream:
                     return
                 answered += 1
                 conn.sendall(self.answer)
+                if self.late:
+                    time.sleep(0.1)
+                    conn.sendall(self.late)
                 if self.close_after is not None:
                     time.sleep(self.close_after)
                     return

@@ -6,9 +6,15 @@ without the GIL. urllib3 does the same exchange in many small Python steps,
 each taking the GIL back under contention; in the served gateway that costs
 several times more CPU per call (docs/performance.md).
 
-Each handle keeps its own connection cache, and the forwarder lends handles
-out one per call (a handle is never used by two threads at once), so there
-are at most as many handles as calls in flight.
+Each handle keeps at most one connection, and the forwarder lends handles
+out one per call (a handle is never used by two threads at once), from a
+pool per upstream (scheme, host and port): at most ``pool_size`` idle ones
+per upstream, for the 64 upstreams called last. Before a pooled connection
+is used again the forwarder looks at its socket itself: one the upstream
+closed, reset, or sent stray bytes on while idle is dropped, and the call
+goes on a new connection. libcurl makes the same check at most once a
+second per connection, so without ours a POST after an upstream's short
+idle timeout would go on a dead connection, and could not be sent again.
 
 A body of known length up to 64 KiB (nearly every webhook call) is read
 whole before the call and handed to libcurl at once: libcurl then needs no
@@ -29,11 +35,14 @@ a call, which cost a tenth of the gateway's throughput (docs/performance.md).
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import re
+import select
 import threading
 from typing import Any
+from urllib.parse import urlsplit
 
 import pycurl
 
@@ -81,6 +90,9 @@ _TIMED_OUT = {pycurl.E_OPERATION_TIMEDOUT}
 
 #: Characters that would split or end a header line.
 _LINE_BREAKERS = re.compile("[\r\n\0]")
+
+#: Upstreams whose idle connections are kept (the least recently called go).
+MAX_UPSTREAMS = 64
 
 
 class _Exchange:
@@ -209,7 +221,10 @@ class CurlForwarder:
 
     def __init__(self, options: ForwarderOptions) -> None:
         self.options = options
-        self._idle: list[pycurl.Curl] = []
+        # Idle handles per upstream, the most recently called upstream last.
+        self._idle: collections.OrderedDict[str, list[pycurl.Curl]] = (
+            collections.OrderedDict()
+        )
         self._lock = threading.Lock()
         self._stall = max(1, math.ceil(options.read_timeout))
 
@@ -222,7 +237,8 @@ class CurlForwarder:
             DaisError: Reading the caller's body failed (too large, cut off).
         """
         whole = _whole_body(request)
-        handle = self._borrow()
+        upstream = _upstream_of(request.url)
+        handle = self._borrow(upstream)
         try:
             exchange = _Exchange(
                 None if whole is not None else request.body,
@@ -234,7 +250,7 @@ class CurlForwarder:
         except BaseException:
             handle.close()
             raise
-        self._give_back(handle)
+        self._give_back(upstream, handle)
         # The query may carry the caller's data: the log gets the method only.
         log.debug("%s -> %d", request.method, exchange.status)
         return exchange.status
@@ -242,19 +258,35 @@ class CurlForwarder:
     def close(self) -> None:
         """Close every idle handle and its connections."""
         with self._lock:
-            idle, self._idle = self._idle, []
-        for handle in idle:
+            idle, self._idle = self._idle, collections.OrderedDict()
+        for handles in idle.values():
+            for handle in handles:
+                handle.close()
+
+    def _borrow(self, upstream: str) -> pycurl.Curl:
+        while True:
+            with self._lock:
+                handles = self._idle.get(upstream)
+                handle = handles.pop() if handles else None
+            if handle is None:
+                return self._new_handle()
+            if _reusable(handle):
+                return handle
             handle.close()
 
-    def _borrow(self) -> pycurl.Curl:
+    def _give_back(self, upstream: str, handle: pycurl.Curl) -> None:
+        evicted: list[pycurl.Curl] = []
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return self._new_handle()
-
-    def _give_back(self, handle: pycurl.Curl) -> None:
-        with self._lock:
-            self._idle.append(handle)
+            handles = self._idle.setdefault(upstream, [])
+            self._idle.move_to_end(upstream)
+            if len(handles) < self.options.pool_size:
+                handles.append(handle)
+            else:
+                evicted.append(handle)
+            while len(self._idle) > MAX_UPSTREAMS:
+                evicted += self._idle.popitem(last=False)[1]
+        for extra in evicted:
+            extra.close()
 
     def _new_handle(self) -> pycurl.Curl:
         options = self.options
@@ -267,7 +299,8 @@ class CurlForwarder:
             pycurl.PROTOCOLS: pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS,
             pycurl.FOLLOWLOCATION: 0,
             pycurl.PATH_AS_IS: 1,
-            pycurl.MAXCONNECTS: options.pool_size,
+            # One connection per handle: the one _reusable() looks at.
+            pycurl.MAXCONNECTS: 1,
             pycurl.CONNECTTIMEOUT_MS: _ms(options.connect_timeout),
             pycurl.LOW_SPEED_LIMIT: 1,
             pycurl.LOW_SPEED_TIME: self._stall,
@@ -341,6 +374,29 @@ class CurlForwarder:
                 "the upstream service did not answer in time"
             ) from error
         raise UpstreamUnreachable(_unreachable(code)) from error
+
+
+def _upstream_of(url: str) -> str:
+    """The pool a URL's connections belong to: scheme, host and port."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _reusable(handle: pycurl.Curl) -> bool:
+    """Whether the connection a handle keeps, if any, may carry another call.
+
+    An idle connection has nothing to read: readable means the upstream
+    closed or reset it, or sent bytes nobody asked for.
+    """
+    sock = handle.getinfo(pycurl.ACTIVESOCKET)
+    if sock == -1:
+        return True  # none kept: libcurl connects afresh
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
+    readable, _, _ = select.select([sock], [], [], 0)
+    return not readable
 
 
 def _whole_body(request: ForwardRequest) -> bytes | None:

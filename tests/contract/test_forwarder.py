@@ -309,6 +309,36 @@ class TestConnections:
         assert [r.endswith(b"b" * 100) for r in upstream.requests] == [True] * 3
 
     @pytest.mark.parametrize("body", [None, b"x" * 10], ids=["no-body", "body"])
+    def test_a_post_never_goes_on_a_connection_closed_while_idle(self, make, body):
+        """A POST after the upstream closed the pooled connection is a 200, once."""
+        upstream = RawUpstream(OK, close_after=0.1)
+        forwarder = make()
+        try:
+            for n in range(4):
+                assert send(forwarder, upstream.url + f"/{n}", body=body) == 200
+                # Closed well before the next call, yet less than a second.
+                time.sleep(0.4)
+        finally:
+            upstream.close()
+        targets = [r.split(b" ", 2)[1] for r in upstream.requests]
+        assert targets == [b"/0", b"/1", b"/2", b"/3"]
+
+    def test_bytes_sent_after_an_answer_never_pass_for_the_next_one(self, make):
+        """A connection the upstream wrote on while idle is not used again."""
+        upstream = RawUpstream(
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            late=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        )
+        forwarder = make()
+        try:
+            for n in range(3):
+                assert send(forwarder, upstream.url + f"/{n}") == 204
+                time.sleep(0.3)
+        finally:
+            upstream.close()
+        assert upstream.connections == 3
+
+    @pytest.mark.parametrize("body", [None, b"x" * 10], ids=["no-body", "body"])
     def test_a_post_is_never_sent_twice(self, make, body):
         """A POST the upstream read and then dropped unanswered is a 502, once."""
         upstream = RawUpstream(OK, answers=1)
