@@ -65,13 +65,17 @@ class NewFile:
     Args:
         path: The file to create.
         direct: Try ``O_DIRECT``; ``False`` writes through the page cache.
+        dir_fd: A folder descriptor ``path`` is relative to (as for
+            :func:`os.open`).
 
     Raises:
         OSError: The file cannot be created.
     """
 
-    def __init__(self, path: Path, direct: bool = True) -> None:
-        self._fd, self.direct = _open(path, direct)
+    def __init__(
+        self, path: Path, direct: bool = True, dir_fd: int | None = None
+    ) -> None:
+        self._fd, self.direct = _open(path, direct, dir_fd)
         self._block: _Block | None = _Block()
         self._free: queue.SimpleQueue[_Block] = queue.SimpleQueue()
         self._full: queue.SimpleQueue[_Block | None] = queue.SimpleQueue()
@@ -182,14 +186,14 @@ class NewFile:
             self.direct = False
 
 
-def _open(path: Path, direct: bool) -> tuple[int, bool]:
+def _open(path: Path, direct: bool, dir_fd: int | None) -> tuple[int, bool]:
     if direct and _O_DIRECT:
         try:
-            return os.open(path, _FLAGS | _O_DIRECT, 0o666), True
+            return os.open(path, _FLAGS | _O_DIRECT, 0o666, dir_fd=dir_fd), True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-    return os.open(path, _FLAGS, 0o666), False
+    return os.open(path, _FLAGS, 0o666, dir_fd=dir_fd), False
 
 
 def _write_all(fd: int, data: memoryview) -> None:

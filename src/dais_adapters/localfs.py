@@ -6,6 +6,11 @@ cache where the filesystem allows, see :mod:`dais_adapters._directio`),
 flushed to disk, and renamed over the destination on commit, so readers see
 the old file or the new one whole, never a part. The root must be one
 filesystem, since a rename cannot cross filesystems.
+
+The destination folder is checked to lie under the root when the copy is
+staged, and then held open: the commit renames into that very folder, by
+its descriptor, not by a path. An upload may take minutes; a folder on the
+path swapped for a symbolic link meanwhile cannot send the file elsewhere.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -43,30 +49,50 @@ def _translated(action: str) -> Iterator[None]:
         ) from exc
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_folder(real_root: Path, real_folder: Path) -> int:
+    """Open a folder under the root one step at a time, following no link.
+
+    ``real_folder`` is resolved already, so it holds no symbolic link; one
+    that appears on the way since is refused rather than followed.
+    """
+    fd = os.open(real_root, _FOLDER_FLAGS)
     try:
-        os.fsync(fd)
-    finally:
+        for part in real_folder.relative_to(real_root).parts:
+            inner = os.open(part, _FOLDER_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 class _StagedFile:
     """A staged copy: a private file that becomes the destination on commit.
 
-    On commit the previous file, if any, is kept as a hard link in the
-    staging folder until :meth:`release`, so that :meth:`rollback` can put it
-    back if another location of the same publish fails.
+    Both folders are held by descriptor, and every step names a file inside
+    them. On commit the previous file, if any, is kept as a hard link in
+    the staging folder until :meth:`release`, so that :meth:`rollback` can
+    put it back if another location of the same publish fails. The
+    descriptors are closed once the copy is released, rolled back or
+    aborted.
     """
 
     def __init__(
-        self, temp: Path, destination: Path, handle: NewFile, staging: Path
+        self,
+        temp: Path,
+        destination: Path,
+        handle: NewFile,
+        folders: tuple[int, int],
     ) -> None:
         self.temp = temp
         self.destination = destination
         self.handle = handle
-        self.staging = staging
-        self.previous: Path | None = None
+        self.staging_fd, self.folder_fd = folders
+        self.previous: str | None = None
         self.committed = False
 
     def write(self, chunk: bytes) -> None:
@@ -80,41 +106,83 @@ class _StagedFile:
         return self.temp
 
     def commit(self) -> None:
+        name, staging, folder = self.destination.name, self.staging_fd, self.folder_fd
         with _translated("store the file"):
             self.handle.flush()
             os.fsync(self.handle.fileno())
             self.handle.close()
-            if self.destination.is_file():
-                previous = self.staging / f"{uuid.uuid4().hex}{_PREVIOUS}"
-                os.link(self.destination, previous)
+            if self._has_previous():
+                previous = f"{uuid.uuid4().hex}{_PREVIOUS}"
+                os.link(
+                    name,
+                    previous,
+                    src_dir_fd=folder,
+                    dst_dir_fd=staging,
+                    follow_symlinks=False,
+                )
                 self.previous = previous
-            os.replace(self.temp, self.destination)
+            os.replace(self.temp.name, name, src_dir_fd=staging, dst_dir_fd=folder)
             self.committed = True
-            _fsync_folder(self.destination.parent)
+            os.fsync(folder)
         log.debug("committed %s", self.destination)
 
     def abort(self) -> None:
-        with _translated("drop a staged file"):
-            self.handle.close()
-            self.temp.unlink(missing_ok=True)
+        try:
+            with _translated("drop a staged file"):
+                self.handle.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.temp.name, dir_fd=self.staging_fd)
+        finally:
+            self._close_folders()
 
     def rollback(self) -> None:
         if not self.committed:
             return
-        with _translated("restore the previous file"):
-            if self.previous is not None:
-                os.replace(self.previous, self.destination)
-                self.previous = None
-            else:
-                self.destination.unlink(missing_ok=True)
-            _fsync_folder(self.destination.parent)
+        name, folder = self.destination.name, self.folder_fd
+        try:
+            with _translated("restore the previous file"):
+                if self.previous is not None:
+                    os.replace(
+                        self.previous,
+                        name,
+                        src_dir_fd=self.staging_fd,
+                        dst_dir_fd=folder,
+                    )
+                    self.previous = None
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=folder)
+                os.fsync(folder)
+        finally:
+            self._close_folders()
         log.warning("rolled back %s", self.destination)
 
     def release(self) -> None:
-        if self.previous is not None:
-            with _translated("drop the previous file"):
-                self.previous.unlink(missing_ok=True)
-            self.previous = None
+        try:
+            if self.previous is not None:
+                with (
+                    _translated("drop the previous file"),
+                    contextlib.suppress(FileNotFoundError),
+                ):
+                    os.unlink(self.previous, dir_fd=self.staging_fd)
+                self.previous = None
+        finally:
+            self._close_folders()
+
+    def _has_previous(self) -> bool:
+        try:
+            status = os.stat(
+                self.destination.name, dir_fd=self.folder_fd, follow_symlinks=False
+            )
+        except FileNotFoundError:
+            return False
+        return not stat.S_ISDIR(status.st_mode)
+
+    def _close_folders(self) -> None:
+        for fd in {self.staging_fd, self.folder_fd} - {-1}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.staging_fd = self.folder_fd = -1
 
 
 class LocalFolderStorage:
@@ -168,11 +236,26 @@ class LocalFolderStorage:
             PublishFailed: The location is unsafe or the disk refuses.
         """
         destination = self.path_of(location)
+        real_root = self.root.resolve()
         with _translated("stage the file"):
             self.staging.mkdir(parents=True, exist_ok=True)
-            temp = self.staging / f"{uuid.uuid4().hex}{_SUFFIX}"
-            handle = NewFile(temp)
-        return _StagedFile(temp, destination, handle, self.staging)
+            staging_fd = _open_folder(real_root, real_root / STAGING_FOLDER)
+        try:
+            with _translated("reach the destination folder"):
+                folder_fd = _open_folder(real_root, destination.parent)
+        except BaseException:
+            os.close(staging_fd)
+            raise
+        try:
+            with _translated("stage the file"):
+                name = f"{uuid.uuid4().hex}{_SUFFIX}"
+                handle = NewFile(Path(name), dir_fd=staging_fd)
+        except BaseException:
+            os.close(staging_fd)
+            os.close(folder_fd)
+            raise
+        temp = real_root / STAGING_FOLDER / name
+        return _StagedFile(temp, destination, handle, (staging_fd, folder_fd))
 
     def ping(self) -> None:
         """Check the File Manager folder exists (or can be made) and is writable.

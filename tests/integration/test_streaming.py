@@ -276,6 +276,49 @@ class TestDeadlinesAndDisconnects:
         assert (gateway.filemanager / "p1/big/keep").read_bytes() == b"version one"
 
 
+class TestFoldersSwappedMidUpload:
+    """The destination folder is the one checked when the upload began."""
+
+    @pytest.mark.parametrize("swap", ["removed", "renamed"])
+    def test_a_link_swapped_in_cannot_lead_the_file_outside(
+        self, gateway, grant, tmp_path, swap
+    ):
+        """Replacing the folder with a link mid-body writes nothing through it."""
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        folder = gateway.filemanager / "p1/big/t"
+        folder.mkdir(parents=True)
+        closing = b"\r\n--b0undary--\r\n"
+        with connect(gateway) as sock:
+            sock.sendall(
+                raw_upload_head(
+                    gateway, grant[1], "big/t/f.bin", 2 * MiB + len(closing)
+                )
+            )
+            sock.sendall(b"z" * MiB)
+            deadline = time.monotonic() + 10
+            while not staged(gateway):
+                assert time.monotonic() < deadline, "the upload was never staged"
+                time.sleep(0.02)
+            if swap == "removed":
+                shutil.rmtree(folder)
+            else:
+                folder.rename(folder.with_name("t.old"))
+            folder.symlink_to(outside)
+            sock.sendall(b"z" * MiB + closing)
+            status = read_status(sock)
+        assert list(outside.iterdir()) == []
+        assert wait_until_empty(gateway) == []
+        if swap == "renamed":
+            # The folder it was checked in, wherever that now is in the root.
+            assert status == 200
+            assert (
+                gateway.filemanager / "p1/big/t.old/f.bin"
+            ).stat().st_size == 2 * MiB
+        else:
+            assert status == 500
+
+
 class TestLargeUploads:
     """Large files stream through whole."""
 
