@@ -185,15 +185,25 @@ def _expected_digest(req: falcon.Request) -> str | None:
 
 
 def _content_digest(req: falcon.Request) -> str | None:
+    """The ``sha-256`` member of ``Content-Digest``, hex, if there is one.
+
+    The field is a structured-field dictionary (RFC 8941): of members named
+    twice the last counts, and parameters after a value are ignored.
+    """
     header = req.get_header("Content-Digest")
+    value = None
     for item in (header or "").split(","):
-        name, _, value = item.strip().partition("=")
+        name, _, member = item.strip().partition("=")
         if name.strip().lower() == "sha-256":
-            try:
-                return base64.b64decode(value.strip().strip(":"), validate=True).hex()
-            except ValueError:
-                raise InvalidData("Content-Digest sha-256 is not base64") from None
-    return None
+            value = member.partition(";")[0].strip()
+    if value is None:
+        return None
+    if len(value) < 2 or value[0] != ":" or value[-1] != ":":
+        raise InvalidData("Content-Digest sha-256 is not a byte sequence (:...:)")
+    try:
+        return base64.b64decode(value[1:-1], validate=True).hex()
+    except ValueError:
+        raise InvalidData("Content-Digest sha-256 is not base64") from None
 
 
 def _checksum_header(req: falcon.Request) -> str | None:
@@ -227,6 +237,11 @@ def _file_chunks(form: MultipartForm) -> Iterator[bytes]:
                 yield chunk
     except falcon.MediaMalformedError as exc:
         raise InvalidData(f"malformed multipart body: {exc.description}") from exc
+    except UnicodeDecodeError as exc:
+        # Falcon reads a part's name and file name as UTF-8 (RFC 7578).
+        raise InvalidData(
+            "malformed multipart body: a part header is not UTF-8"
+        ) from exc
     if not seen:
         raise InvalidData("the body has no file part named 'data'")
 
@@ -339,7 +354,8 @@ class UploadSink:
 
     def _boundary(self, req: falcon.Request) -> bytes:
         media_type, params = falcon.parse_header(req.content_type or "")
-        if media_type != "multipart/form-data":
+        # Media types are case-insensitive (RFC 9110, section 8.3.1).
+        if media_type.lower() != "multipart/form-data":
             raise UnsupportedType("send the file as multipart/form-data")
         boundary = params.get("boundary", "")
         if not 1 <= len(boundary) <= 70:

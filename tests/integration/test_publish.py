@@ -151,6 +151,19 @@ class TestDeclaredTypes:
 class TestMultipart:
     """Malformed forms are 400, quickly."""
 
+    def test_the_media_type_is_case_insensitive(self, gateway):
+        """``MULTIPART/Form-Data`` is a form like any other (RFC 9110, 8.3.1)."""
+        _, token = gateway.make_key(grants=(("x", ("filemanager://p1/x",), BINARY),))
+        body = (
+            b'--zz\r\nContent-Disposition: form-data; name="data"; filename="f"'
+            b"\r\n\r\nabc\r\n--zz--\r\n"
+        )
+        response = raw_post(
+            gateway, token, "x", body, "MULTIPART/Form-Data; boundary=zz"
+        )
+        assert response.status == 200, response.data
+        assert (gateway.filemanager / "p1/x").read_bytes() == b"abc"
+
     @pytest.mark.parametrize(
         ("content_type", "body"),
         [
@@ -182,6 +195,17 @@ class TestMultipart:
                 b'--zz\r\nContent-Disposition: form-data; name="data"; filename="a/b"\r\n\r\n'
                 b"x\r\n--zz--\r\n",
             ),
+            (
+                "multipart/form-data; boundary=zz",
+                b'--zz\r\nContent-Disposition: form-data; name="data"; '
+                b'filename="\xff\xfe.csv"\r\n\r\nx\r\n--zz--\r\n',
+            ),
+            (
+                "multipart/form-data; boundary=zz",
+                b'--zz\r\nContent-Disposition: form-data; name="\xff"\r\n\r\nv\r\n'
+                b'--zz\r\nContent-Disposition: form-data; name="data"; filename="f"'
+                b"\r\n\r\nx\r\n--zz--\r\n",
+            ),
         ],
         ids=[
             "no-boundary",
@@ -191,6 +215,8 @@ class TestMultipart:
             "huge-part-headers",
             "too-many-parts",
             "directory-upload",
+            "filename-not-utf-8",
+            "field-name-not-utf-8",
         ],
     )
     def test_malformed_forms_are_400(self, gateway, content_type, body):
@@ -203,6 +229,27 @@ class TestMultipart:
 
 class TestLimitsAndRecords:
     """Digests, throttle headers, the in-flight cap and the publish record."""
+
+    @pytest.mark.parametrize(
+        ("field", "status"),
+        [
+            ("sha-256=:{bad}:, sha-256=:{good}:", 200),
+            ("sha-256=:{good}:, sha-256=:{bad}:", 400),
+            ("sha-256=:{good}:;note=1", 200),
+            ("sha-512=:{bad}:, sha-256=:{good}:", 200),
+            ("sha-256={good}", 400),
+        ],
+        ids=["last-good", "last-bad", "parameters", "other-algorithm", "no-colons"],
+    )
+    def test_content_digest_is_read_as_a_dictionary(self, gateway, field, status):
+        """Of two sha-256 members the last counts; parameters are ignored."""
+        _, token = gateway.make_key(grants=(("x", ("filemanager://p1/x",), BINARY),))
+        good = base64.b64encode(hashlib.sha256(b"abc").digest()).decode()
+        bad = base64.b64encode(hashlib.sha256(b"abd").digest()).decode()
+        header = field.format(good=good, bad=bad)
+        response = post(gateway, token, "x", b"abc", **{"Content-Digest": header})
+        assert response.status == status, response.data
+        assert (gateway.filemanager / "p1/x").exists() == (status == 200)
 
     def test_content_digest_is_checked(self, gateway):
         """An RFC 9530 Content-Digest that matches passes; one that does not is 400."""
