@@ -53,6 +53,8 @@ _DROPPED = frozenset(
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+        # CGI-style upstreams would read it as HTTP_PROXY ("httpoxy").
+        "proxy",
     }
 )
 _HOST = re.compile(

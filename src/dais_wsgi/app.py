@@ -472,7 +472,9 @@ class GatewaySink:
             _caller_headers(req),
             client=req.remote_addr or "",
             proto=req.scheme,
-            host=req.host,
+            # As sent: Falcon's req.host drops the port and an IPv6 literal's
+            # brackets.
+            host=req.get_header("Host") or "",
             request_id=req.context.request_id,
             key_id=key_id,
             project=project,

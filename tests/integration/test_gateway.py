@@ -95,6 +95,41 @@ class TestForwarding:
         assert seen.headers["x-forwarded-for"] == "127.0.0.1"
         assert seen.headers["x-request-id"] == response.headers["X-Request-Id"]
 
+    @pytest.mark.parametrize(
+        ("host", "forwarded"),
+        [
+            ("example.org:8443", "example.org:8443"),
+            ("example.org", "example.org"),
+            ("[::1]:19080", "[::1]:19080"),
+            ("bad host", None),
+        ],
+    )
+    def test_x_forwarded_host_is_the_host_the_caller_sent(
+        self, http, gateway, upstream, caller, host, forwarded
+    ):
+        """The port and an IPv6 literal's brackets stay; a malformed Host is left out."""
+        response = call(
+            http,
+            gateway,
+            caller,
+            f"{BASE}/p1/lineage-version/3/svc/api/webhook",
+            headers={"Host": host},
+        )
+        assert response.status == 200
+        assert upstream.calls[-1].headers.get("x-forwarded-host") == forwarded
+
+    def test_a_proxy_header_is_not_passed_on(self, http, gateway, upstream, caller):
+        """``Proxy`` would become HTTP_PROXY in a CGI-style upstream (httpoxy)."""
+        response = call(
+            http,
+            gateway,
+            caller,
+            f"{BASE}/p1/lineage-version/3/svc/api/webhook",
+            headers={"Proxy": "http://127.0.0.1:9/"},
+        )
+        assert response.status == 200
+        assert "proxy" not in upstream.calls[-1].headers
+
     def test_caller_gets_the_upstream_status_with_an_empty_body(
         self, http, gateway, upstream, caller
     ):
