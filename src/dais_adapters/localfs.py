@@ -87,11 +87,15 @@ class _StagedFile:
         destination: Path,
         handle: NewFile,
         folders: tuple[int, int],
+        missing: tuple[str, ...] = (),
     ) -> None:
         self.temp = temp
         self.destination = destination
         self.handle = handle
         self.staging_fd, self.folder_fd = folders
+        # Folders between the held one and the file, made only on commit, so
+        # that a failed upload leaves no empty folders behind.
+        self.missing = missing
         self.previous: str | None = None
         self.committed = False
 
@@ -106,11 +110,12 @@ class _StagedFile:
         return self.temp
 
     def commit(self) -> None:
-        name, staging, folder = self.destination.name, self.staging_fd, self.folder_fd
+        name, staging = self.destination.name, self.staging_fd
         with _translated("store the file"):
             self.handle.flush()
             os.fsync(self.handle.fileno())
             self.handle.close()
+            folder = self._make_missing()
             if self._has_previous():
                 previous = f"{uuid.uuid4().hex}{_PREVIOUS}"
                 os.link(
@@ -169,6 +174,18 @@ class _StagedFile:
         finally:
             self._close_folders()
 
+    def _make_missing(self) -> int:
+        """Make the folders still missing, one step at a time, following no link."""
+        for part in self.missing:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, dir_fd=self.folder_fd)
+                os.fsync(self.folder_fd)
+            inner = os.open(part, _FOLDER_FLAGS | os.O_NOFOLLOW, dir_fd=self.folder_fd)
+            os.close(self.folder_fd)
+            self.folder_fd = inner
+        self.missing = ()
+        return self.folder_fd
+
     def _has_previous(self) -> bool:
         try:
             status = os.stat(
@@ -196,12 +213,12 @@ class LocalFolderStorage:
         self.root = root
         self.staging = root / STAGING_FOLDER
 
-    def path_of(self, location: Location) -> Path:
-        """Return the file a location names, checked to stay under the root.
+    def path_of(self, location: Location) -> tuple[Path, tuple[str, ...]]:
+        """Return the file a location names, and the folders still to make.
 
-        The check runs before any folder is made, on the deepest folder that
-        exists, and again once the folders are there, so a symbolic link
-        cannot lead the creation of folders outside the root.
+        The file's path starts at the deepest folder on the way that exists,
+        resolved and checked to lie under the root, so that a symbolic link
+        cannot lead the file, or the folders made for it, outside the root.
 
         Raises:
             PublishFailed: The location is a folder, or resolves (through a
@@ -210,19 +227,19 @@ class LocalFolderStorage:
         if location.is_folder:
             raise PublishFailed(f"{location.uri} names a folder, not a file")
         path = self.root / location.authority / location.path
-        with _translated("create the destination folder"):
+        missing: list[str] = []
+        with _translated("reach the destination folder"):
             self.root.mkdir(parents=True, exist_ok=True)
             real_root = self.root.resolve()
             existing = path.parent
             while not existing.exists():
+                missing.insert(0, existing.name)
                 existing = existing.parent
-            self._contained(existing.resolve(), real_root, location)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            real_parent = path.parent.resolve()
-        self._contained(real_parent, real_root, location)
-        if path.is_dir():
+            real_existing = existing.resolve()
+        self._contained(real_existing, real_root, location)
+        if not missing and path.is_dir():
             raise PublishFailed(f"{location.uri} is a folder in the File Manager")
-        return real_parent / path.name
+        return real_existing.joinpath(*missing, path.name), tuple(missing)
 
     @staticmethod
     def _contained(real: Path, real_root: Path, location: Location) -> None:
@@ -235,14 +252,15 @@ class LocalFolderStorage:
         Raises:
             PublishFailed: The location is unsafe or the disk refuses.
         """
-        destination = self.path_of(location)
+        destination, missing = self.path_of(location)
         real_root = self.root.resolve()
         with _translated("stage the file"):
             self.staging.mkdir(parents=True, exist_ok=True)
             staging_fd = _open_folder(real_root, real_root / STAGING_FOLDER)
         try:
             with _translated("reach the destination folder"):
-                folder_fd = _open_folder(real_root, destination.parent)
+                held = destination.parents[len(missing)]
+                folder_fd = _open_folder(real_root, held)
         except BaseException:
             os.close(staging_fd)
             raise
@@ -255,7 +273,7 @@ class LocalFolderStorage:
             os.close(folder_fd)
             raise
         temp = real_root / STAGING_FOLDER / name
-        return _StagedFile(temp, destination, handle, (staging_fd, folder_fd))
+        return _StagedFile(temp, destination, handle, (staging_fd, folder_fd), missing)
 
     def ping(self) -> None:
         """Check the File Manager folder exists (or can be made) and is writable.

@@ -336,6 +336,32 @@ class TestContainment:
         assert list(outside.iterdir()) == []
 
 
+class TestFoldersMadeOnCommit:
+    """Folders on the way to a file are made only when it is committed."""
+
+    def test_a_refused_upload_makes_no_folders(self, gateway):
+        """A wrong digest deep in a new tree leaves the tree unmade."""
+        _, token = gateway.make_key(grants=(("x/", ("filemanager://p1/x/",), BINARY),))
+        gateway.filemanager.joinpath("p1/x").mkdir(parents=True)
+        response = post(
+            gateway,
+            token,
+            "x/n1/n2/n3/f.bin",
+            b"abc",
+            **{"X-Checksum-SHA256": "00" * 32},
+        )
+        assert response.status == 400
+        assert list(gateway.filemanager.joinpath("p1/x").iterdir()) == []
+
+    def test_a_published_file_gets_its_folders(self, gateway):
+        """The same upload with no digest lands, folders and all."""
+        _, token = gateway.make_key(grants=(("x/", ("filemanager://p1/x/",), BINARY),))
+        assert post(gateway, token, "x/n1/n2/n3/f.bin", b"abc").status == 200
+        assert (
+            gateway.filemanager.joinpath("p1/x/n1/n2/n3/f.bin").read_bytes() == b"abc"
+        )
+
+
 class TestDigestHeaders:
     """Both digest headers are checked, and must agree."""
 
