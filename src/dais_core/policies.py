@@ -156,9 +156,14 @@ class RatePolicy:
     The defaults admit one request per second with no burst.
     """
 
-    rate: int = 1
-    period: float = 1.0
-    burst: int = 1
+    rate: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    period: float = attrs.field(default=1.0)
+    burst: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+
+    @period.validator
+    def _check_period(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"the period must be a positive number, not {value!r}")
 
     @property
     def interval(self) -> float:

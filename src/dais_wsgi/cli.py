@@ -62,7 +62,8 @@ def _rate(text: str | None) -> RatePolicy | None:
         return RatePolicy(int(count), float(period or 1), int(burst_text or 1))
     except ValueError:
         raise InvalidData(
-            f"a rate reads N, N/SECONDS or N/SECONDS,burst=B, not {text!r}"
+            "a rate reads N, N/SECONDS or N/SECONDS,burst=B (N and B whole "
+            f"numbers from 1, SECONDS above 0), not {text!r}"
         ) from None
 
 
@@ -272,10 +273,12 @@ def _serve(args: argparse.Namespace) -> int:
         server = (
             make_server(runtime, sockets=sockets) if sockets else make_server(runtime)
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        # ValueError: waitress could not read the address at all.
         runtime.close()
+        reason = exc.strerror if isinstance(exc, OSError) else exc.args[0]
         raise InvalidData(
-            f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
+            f"cannot listen on {args.host}:{args.port}: {reason}"
         ) from exc
     stopping = stop_on_signals(server)
     sweeper = Sweeper(runtime).start()
@@ -461,11 +464,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    logging.basicConfig(
-        level=os.environ.get("DAIS_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    level = os.environ.get("DAIS_LOG_LEVEL", "INFO").strip().upper()
+    try:
+        logging.basicConfig(
+            level=level,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+            stream=sys.stderr,
+        )
+    except ValueError:
+        print(
+            f"dais-gateway: invalid configuration: DAIS_LOG_LEVEL is {level!r}; "
+            "use DEBUG, INFO, WARNING, ERROR or CRITICAL",
+            file=sys.stderr,
+        )
+        return 2
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:

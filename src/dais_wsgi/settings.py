@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -20,6 +22,20 @@ DEFAULT_HOME = Path(".dais")
 CPU_AFFINITY = r"auto|off|[0-9]{1,4}"
 
 
+def _between(low: int, high: int | None = None) -> Any:
+    """A whole number from ``low`` up to ``high`` (no bound if ``None``)."""
+    checks = [attrs.validators.instance_of(int), attrs.validators.ge(low)]
+    if high is not None:
+        checks.append(attrs.validators.le(high))
+    return attrs.validators.and_(*checks)
+
+
+def _seconds(instance: Any, attribute: attrs.Attribute[float], value: float) -> None:
+    """A duration: a finite number of seconds above zero."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"'{attribute.name}' must be seconds above 0, not {value!r}")
+
+
 @attrs.frozen
 class Settings:
     """Everything a running gateway needs to know, with production defaults."""
@@ -35,33 +51,33 @@ class Settings:
     #: Interface to listen on.
     host: str = "127.0.0.1"
     #: Port to listen on; 0 picks a free one.
-    port: int = 8080
+    port: int = attrs.field(default=8080, validator=_between(0, 65535))
     #: Worker threads of the server.
-    threads: int = 8
+    threads: int = attrs.field(default=8, validator=_between(1, 1024))
     #: Largest file accepted by the Integration API, in bytes (4 GiB).
-    max_upload_bytes: int = 4 * GiB
+    max_upload_bytes: int = attrs.field(default=4 * GiB, validator=_between(1))
     #: Room allowed for multipart framing on top of the file, in bytes.
-    multipart_overhead: int = 1 * MiB
+    multipart_overhead: int = attrs.field(default=1 * MiB, validator=_between(0))
     #: Seconds a whole request may take before it is cut off.
-    request_timeout: float = 300.0
+    request_timeout: float = attrs.field(default=300.0, validator=_seconds)
     #: Upload rate per key (one per second, no burst).
     upload_rate: RatePolicy = RatePolicy(rate=1, period=1.0, burst=1)
     #: Uploads a key may have in flight at once in one process; 0 for no cap.
-    uploads_in_flight: int = 2
+    uploads_in_flight: int = attrs.field(default=2, validator=_between(0))
     #: Webhook rate per key; ``None`` leaves webhook calls unthrottled.
     gateway_rate: RatePolicy | None = None
     #: Largest webhook body forwarded, in bytes.
-    max_gateway_body: int = 10 * MiB
+    max_gateway_body: int = attrs.field(default=10 * MiB, validator=_between(0))
     #: Seconds a webhook call's body may take to arrive (bodies are small).
-    gateway_body_timeout: float = 30.0
+    gateway_body_timeout: float = attrs.field(default=30.0, validator=_seconds)
     #: Webhook calls a key may have in flight at once in one process, so
     #: that one key cannot hold every worker; 0 for no cap.
-    gateway_in_flight: int = 4
+    gateway_in_flight: int = attrs.field(default=4, validator=_between(0))
     #: Seconds to wait for an upstream to accept a connection.
-    connect_timeout: float = 5.0
+    connect_timeout: float = attrs.field(default=5.0, validator=_seconds)
     #: Seconds an upstream may stall while answering (with ``curl``: whole
     #: seconds, up to about 5 s late right after a body was sent).
-    read_timeout: float = 30.0
+    read_timeout: float = attrs.field(default=30.0, validator=_seconds)
     #: HTTP client for webhook calls: ``curl`` (libcurl, the fastest) or
     #: ``urllib3`` (pure Python).
     forwarder: str = attrs.field(
@@ -75,7 +91,7 @@ class Settings:
     #: a revoked key may still pass.
     key_cache_degraded_ttl: float = 1.0
     #: Seconds between two batched writes of records and last-use times.
-    record_interval: float = 0.5
+    record_interval: float = attrs.field(default=0.5, validator=_seconds)
     #: Extend a caller's ``X-Forwarded-For`` chain instead of starting anew;
     #: set it only behind a proxy that overwrites the header.
     trust_forwarded: bool = False

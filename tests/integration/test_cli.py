@@ -270,6 +270,60 @@ def key_for_service(home: Path, url: str, prefix: str = "/") -> tuple[str, str]:
     return key_id, str(created["key"])
 
 
+class TestSettingsChecked:
+    """A setting no server could work with is refused before serving."""
+
+    @pytest.mark.parametrize(
+        ("option", "value", "said"),
+        [
+            ("--port", "70000", "'port' must be <= 65535"),
+            ("--port", "-1", "'port' must be >= 0"),
+            ("--threads", "0", "'threads' must be >= 1"),
+            ("--upload-rate", "0", "a rate reads"),
+            ("--upload-rate", "1/0", "a rate reads"),
+            ("--gateway-rate", "5,burst=0", "a rate reads"),
+            ("--uploads-in-flight", "-1", "'uploads_in_flight' must be >= 0"),
+            ("--gateway-in-flight", "-1", "'gateway_in_flight' must be >= 0"),
+            ("--max-upload-bytes", "-1", "'max_upload_bytes' must be >= 1"),
+            ("--connect-timeout", "-1", "'connect_timeout' must be seconds above 0"),
+            ("--read-timeout", "inf", "'read_timeout' must be seconds above 0"),
+            ("--request-timeout", "0", "'request_timeout' must be seconds above 0"),
+            ("--request-timeout", "nan", "'request_timeout' must be seconds above 0"),
+            ("--host", "999.1.1.1", "cannot listen on 999.1.1.1"),
+        ],
+    )
+    def test_a_setting_out_of_range_is_refused(self, tmp_path, option, value, said):
+        """One line naming the setting, exit status 2, no traceback."""
+        message = refused(tmp_path / "home", "serve", "--port", "0", option, value)
+        assert said in message
+        assert "Traceback" not in message
+
+    @pytest.mark.parametrize("level", ["debug", "Warning"])
+    def test_the_log_level_is_read_in_any_case(self, tmp_path, level):
+        """``DAIS_LOG_LEVEL=debug`` is DEBUG."""
+        done = subprocess.run(
+            [COMMAND, "--home", str(tmp_path / "home"), "keys", "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "DAIS_LOG_LEVEL": level},
+        )
+        assert done.returncode == 0, done.stderr
+
+    def test_an_unknown_log_level_is_a_clear_error(self, tmp_path):
+        """A level logging does not know is refused in one line."""
+        done = subprocess.run(
+            [COMMAND, "--home", str(tmp_path / "home"), "keys", "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "DAIS_LOG_LEVEL": "chatty"},
+        )
+        assert done.returncode == 2
+        assert "DAIS_LOG_LEVEL" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
 class TestForwarderChoice:
     """``serve --forwarder`` picks the HTTP client for webhook calls."""
 

@@ -273,6 +273,22 @@ class TestRatePolicy:
         policy = RatePolicy(rate=4, period=2.0, burst=3)
         assert (policy.interval, policy.tolerance) == (0.5, 1.0)
 
+    @pytest.mark.parametrize(
+        "fields",
+        [
+            {"rate": 0},
+            {"burst": 0},
+            {"period": 0.0},
+            {"period": -1.0},
+            {"period": float("inf")},
+            {"period": float("nan")},
+        ],
+    )
+    def test_a_policy_that_admits_nothing_sane_is_refused(self, fields):
+        """No rate, no burst, or a period that is not a positive number."""
+        with pytest.raises(ValueError):
+            RatePolicy(**fields)
+
 
 class TestGcra:
     def test_a_new_key_is_admitted_with_its_burst_left(self):
