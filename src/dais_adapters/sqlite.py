@@ -9,19 +9,21 @@ mode lets readers go on while one writer writes.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from dais_adapters._sql import Row, SqlStore, migrations
 from dais_adapters.hooks import hookimpl
-from dais_core.errors import InvalidData, Unavailable
+from dais_core.errors import InvalidData, PublishFailed, Unavailable
 
-__all__ = ["SqliteStore", "path_from_url"]
+__all__ = ["FileCommitLocks", "SqliteStore", "path_from_url"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,43 @@ def _translated() -> Iterator[None]:
         raise Unavailable("the key store is unavailable") from exc
 
 
+class FileCommitLocks:
+    """One lock file beside the database, so that of two gateways sharing
+    the store (``serve --workers N``, or two ``serve`` on one home) one
+    commits after the other at every location.
+
+    The lock covers every location at once: commits are short (renames and
+    fsyncs, or completing an object upload), and a store that one machine's
+    processes share sees few at a time. ``flock`` locks belong to an open
+    file, so each hold opens its own and threads exclude each other too.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def hold(self, names: Iterable[str]) -> Iterator[None]:
+        """Hold the lock for the duration of the block (``names`` all share it).
+
+        Raises:
+            PublishFailed: The lock file cannot be opened or locked.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise PublishFailed(f"cannot open the commit lock: {exc.strerror}") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise PublishFailed(
+                    f"cannot take the commit lock: {exc.strerror}"
+                ) from exc
+            yield
+        finally:
+            os.close(fd)
+
+
 class SqliteStore(SqlStore):
     """Keys, permissions, grants, services and records in one SQLite file.
 
@@ -67,6 +106,10 @@ class SqliteStore(SqlStore):
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._migrate()
+
+    def commit_locks(self) -> FileCommitLocks:
+        """Return commit locks that hold across the processes sharing this file."""
+        return FileCommitLocks(self.path.with_name(self.path.name + ".commit-lock"))
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)

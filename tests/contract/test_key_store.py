@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -391,7 +394,7 @@ class TestRegistryCache:
 
 
 class TestCommitLocks:
-    """Commit locks on PostgreSQL hold across processes (here: two pools)."""
+    """Commit locks hold across processes: PostgreSQL's, and SQLite's file lock."""
 
     def test_the_same_names_wait_and_other_names_do_not(self, pg_url):
         """A second holder of a name waits for the first; another name passes."""
@@ -423,3 +426,30 @@ class TestCommitLocks:
             holder.join(5)
             first.close()
             second.close()
+
+    def test_sqlite_locks_hold_across_processes(self, tmp_path):
+        """A process holding the SQLite store's commit lock makes another wait."""
+        path = tmp_path / "dais.sqlite3"
+        SqliteStore(path)
+        script = f"""
+            import sys, time
+            from pathlib import Path
+            from dais_adapters.sqlite import SqliteStore
+            with SqliteStore(Path({str(path)!r})).commit_locks().hold(["s3://b/x"]):
+                print("held", flush=True)
+                time.sleep(0.8)
+        """
+        child = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(script)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "held"
+            started = time.monotonic()
+            with SqliteStore(path).commit_locks().hold(["filemanager://p1/x"]):
+                waited = time.monotonic() - started
+            assert waited >= 0.5
+        finally:
+            assert child.wait(timeout=30) == 0
