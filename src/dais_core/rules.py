@@ -104,13 +104,23 @@ def check_lineage_version(value: int) -> int:
     return value
 
 
+#: What a URL can carry as it is: visible ASCII (RFC 3986, section 2).
+_URL_CHARACTERS = re.compile(r"[\x21-\x7e]+")
+
+
 def check_service_url(url: str) -> str:
     """Return a service's base URL, without a trailing ``/``, if it is usable.
 
     Raises:
         InvalidData: Not an ``http`` or ``https`` URL with a host, or it has
-            credentials, a query or a fragment.
+            credentials, a query or a fragment, or characters a URL cannot
+            carry as they are (spaces, controls, non-ASCII).
     """
+    if _URL_CHARACTERS.fullmatch(url) is None:
+        raise InvalidData(
+            "the service URL may hold visible ASCII only: percent-encode "
+            "spaces and other characters"
+        )
     try:
         parts = urlsplit(url)
         host = parts.hostname

@@ -116,11 +116,23 @@ class Logout:
 
 
 def _same_origin(req: falcon.Request) -> None:
+    """Refuse a post a browser says came from another site's page.
+
+    ``Origin`` decides when sent; without it, ``Sec-Fetch-Site`` (anything
+    but ``same-origin`` or ``none``, a request the user made) and then the
+    ``Referer``'s host. A client that is no browser sends none of them.
+    """
+    host = req.get_header("Host")
     origin = req.get_header("Origin")
-    if origin is None:
+    if origin is not None:
+        if urlsplit(origin).netloc != host:
+            raise Forbidden("the login form was posted from another site")
         return
-    parts = urlsplit(origin)
-    if parts.netloc != req.get_header("Host"):
+    site = req.get_header("Sec-Fetch-Site")
+    if site is not None and site.strip().lower() not in {"same-origin", "none"}:
+        raise Forbidden("the login form was posted from another site")
+    referer = req.get_header("Referer")
+    if referer is not None and urlsplit(referer).netloc != host:
         raise Forbidden("the login form was posted from another site")
 
 

@@ -482,9 +482,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code: int = args.run(args)
+        sys.stdout.flush()
     except DaisError as exc:
         print(f"dais-gateway: {exc.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (``keys list | head``): say nothing more, and
+        # keep the interpreter from failing to flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return code
 
 

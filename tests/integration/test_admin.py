@@ -380,15 +380,43 @@ class TestProjectArea:
         assert "<form method=post" in text
         assert "Set-Cookie" not in login.headers
 
-    def test_a_login_posted_from_another_site_is_refused(self, gateway):
-        """A foreign Origin cannot log a browser in (login CSRF)."""
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            {"Origin": "https://elsewhere.example"},
+            {"Referer": "https://elsewhere.example/page"},
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Sec-Fetch-Site": "same-site"},
+        ],
+        ids=["origin", "referer", "fetch-cross-site", "fetch-same-site"],
+    )
+    def test_a_login_posted_from_another_site_is_refused(self, gateway, headers):
+        """A foreign Origin, Referer or fetch site cannot log a browser in."""
         lead = project_admin(gateway, "p1")
         http = urllib3.PoolManager(retries=False)
         login = log_in(
             http,
             gateway,
             {"token": lead.token, "next": "/app/p1/admin/apikeys"},
-            headers={"Origin": "https://elsewhere.example"},
+            headers=headers,
         )
         assert login.status == 403
         assert "Set-Cookie" not in login.headers
+
+    @pytest.mark.parametrize(
+        "headers",
+        [{}, {"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}],
+        ids=["no-browser-headers", "fetch-same-origin", "fetch-typed-by-hand"],
+    )
+    def test_a_login_from_this_site_or_no_browser_passes(self, gateway, headers):
+        """A same-origin form, a URL typed by hand, or a script gets its cookie."""
+        lead = project_admin(gateway, "p1")
+        http = urllib3.PoolManager(retries=False)
+        login = log_in(
+            http,
+            gateway,
+            {"token": lead.token, "next": "/app/p1/admin/apikeys"},
+            headers=headers,
+        )
+        assert login.status == 303
+        assert "Set-Cookie" in login.headers

@@ -270,6 +270,29 @@ def key_for_service(home: Path, url: str, prefix: str = "/") -> tuple[str, str]:
     return key_id, str(created["key"])
 
 
+class TestOutputClosed:
+    """A reader that goes away early (``| head``) is no error worth a trace."""
+
+    def test_a_closed_pipe_ends_the_listing_quietly(self, tmp_path):
+        """``keys list --json`` into a pipe nobody reads exits 1, no traceback."""
+        home = tmp_path / "home"
+        run(home, "keys", "create", "--project", "p1")
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            done = subprocess.run(
+                [COMMAND, "--home", str(home), "keys", "list", "--json"],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            os.close(write_end)
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr
+
+
 class TestSettingsChecked:
     """A setting no server could work with is refused before serving."""
 

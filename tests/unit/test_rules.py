@@ -473,6 +473,10 @@ class TestAdminInputs:
             "http://h/?q=1",
             "http://h:99999",
             "javascript:alert(1)",
+            "http://127.0.0.1:19081/a b",
+            "http://h/tab\there",
+            "http://h/\u00e9t\u00e9",
+            "http://h/x\r\nX-Injected: 1",
         ],
     )
     def test_unusable_service_urls_are_refused(self, url):
