@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import attrs
@@ -25,6 +25,7 @@ __all__ = [
     "check_lineage_version",
     "check_methods",
     "check_name",
+    "check_served",
     "check_service_url",
     "check_time",
     "is_under",
@@ -358,6 +359,22 @@ class Location:
         check_resource_id(relative)
         folder = self.path if self.is_folder else self.path + "/"
         return Location(self.scheme, self.authority, folder + relative)
+
+
+def check_served(uri: str, schemes: Collection[str]) -> str:
+    """Return a location URI, checked and canonical, if a storage serves it.
+
+    Raises:
+        InvalidData: It does not parse (see :func:`parse_location`), or no
+            storage serves its scheme, so every upload to it would fail.
+    """
+    location = parse_location(uri)
+    if location.scheme not in schemes:
+        served = ", ".join(f"{scheme}://" for scheme in sorted(schemes)) or "none"
+        raise InvalidData(
+            f"no storage serves {location.scheme}:// locations here (served: {served})"
+        )
+    return location.uri
 
 
 def parse_location(uri: str) -> Location:

@@ -32,10 +32,10 @@ from dais_core.rules import (
     check_methods,
     check_name,
     check_resource_id,
+    check_served,
     check_service_url,
     check_time,
     normalise_prefix,
-    parse_location,
 )
 from dais_core.usecases import explain
 from dais_core.values import (
@@ -366,7 +366,8 @@ class Grants(_AdminResource):
         resource = check_resource_id(body.resource, allow_prefix=True)
         if not body.locations:
             raise InvalidData("a grant needs at least one location")
-        locations = tuple(parse_location(uri).uri for uri in body.locations)
+        schemes = self.runtime.storages.keys()
+        locations = tuple(check_served(uri, schemes) for uri in body.locations)
         try:
             data_type = DataType(body.type)
         except ValueError:

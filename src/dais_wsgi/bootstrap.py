@@ -156,6 +156,17 @@ def admin_store(
     return store
 
 
+def build_storages(
+    settings: Settings, manager: pluggy.PluginManager | None = None
+) -> dict[str, Storage]:
+    """Return the storages the installed plugins contribute, by URI scheme."""
+    storages: dict[str, Storage] = {}
+    context = StorageContext(settings.resolved_filemanager_root)
+    for contributed in _manager(manager).hook.dais_storages(context=context):
+        storages.update(contributed)
+    return storages
+
+
 def bootstrap(
     settings: Settings,
     manager: pluggy.PluginManager | None = None,
@@ -173,10 +184,7 @@ def bootstrap(
         "throttle state",
         settings.throttle_url,
     )
-    storages: dict[str, Storage] = {}
-    context = StorageContext(settings.resolved_filemanager_root)
-    for contributed in hook.dais_storages(context=context):
-        storages.update(contributed)
+    storages = build_storages(settings, manager)
     options = ForwarderOptions(
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,

@@ -30,10 +30,10 @@ from dais_core.rules import (
     check_methods,
     check_name,
     check_resource_id,
+    check_served,
     check_service_url,
     check_time,
     normalise_prefix,
-    parse_location,
 )
 from dais_core.usecases import explain
 from dais_core.values import (
@@ -45,7 +45,7 @@ from dais_core.values import (
     ServiceEndpoint,
 )
 from dais_wsgi.admin import make_admin
-from dais_wsgi.bootstrap import AdminStore, admin_store, bootstrap
+from dais_wsgi.bootstrap import AdminStore, admin_store, bootstrap, build_storages
 from dais_wsgi.present import credential_json
 from dais_wsgi.settings import CPU_AFFINITY, DEFAULT_HOME, FORWARDERS, Settings
 
@@ -176,7 +176,8 @@ def _permissions_add(args: argparse.Namespace) -> int:
 
 def _grants_add(args: argparse.Namespace) -> int:
     resource = check_resource_id(args.resource, allow_prefix=True)
-    locations = tuple(parse_location(uri).uri for uri in args.to)
+    schemes = build_storages(_settings(args)).keys()
+    locations = tuple(check_served(uri, schemes) for uri in args.to)
     if resource.endswith("/") and not all(uri.endswith("/") for uri in locations):
         raise InvalidData(
             "a prefix grant (resource ending in '/') needs folder locations"

@@ -136,6 +136,19 @@ class TestKeyLifecycle:
         assert platform.call("POST", f"/admin/v1/keys/{key_id}/revoke").status == 200
         assert upload(gateway, token) == 401
 
+    def test_a_grant_to_a_scheme_no_storage_serves_is_400(self, platform, gateway):
+        """``foo://`` locations would fail every upload; the grant is refused."""
+        key_id = create_key(platform)["id"]
+        refused = platform.call(
+            "POST",
+            f"/admin/v1/keys/{key_id}/grants",
+            {"resource": "x", "locations": ["filemanager://p1/x", "foo://x/w"]},
+        )
+        assert refused.status == 400
+        assert "no storage serves foo://" in refused.json()["message"]
+        shown = platform.call("GET", f"/admin/v1/keys/{key_id}").json()
+        assert shown["grants"] == []
+
     def test_rotation_keeps_the_reach_and_ends_the_predecessor(self, platform, gateway):
         """The successor has the same grants; the old key stops after the overlap."""
         created = create_key(platform)

@@ -167,6 +167,18 @@ class TestAdminCommands:
         )
         assert "dot segment" in message
 
+    def test_a_location_no_storage_serves_is_refused(self, tmp_path):
+        """A grant to ``foo://`` would fail every upload: it is refused at once."""
+        home = tmp_path / "home"
+        key_id = json.loads(run(home, "keys", "create", "--project", "p1", "--json"))[
+            "id"
+        ]
+        grant = ("grants", "add", key_id, "--resource", "x", "--to")
+        message = refused(home, *grant, "foo://x/w")
+        assert "no storage serves foo:// locations" in message
+        assert "filemanager://" in message
+        assert "may publish" in run(home, *grant, "filemanager://p1/x")
+
 
 class TestServe:
     """The served gateway uses what the admin commands stored."""

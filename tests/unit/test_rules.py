@@ -21,6 +21,7 @@ from dais_core.rules import (
     check_methods,
     check_name,
     check_resource_id,
+    check_served,
     check_service_url,
     check_time,
     is_under,
@@ -483,6 +484,14 @@ class TestAdminInputs:
         """Only plain http(s) URLs with a host are service URLs."""
         with pytest.raises(InvalidData):
             check_service_url(url)
+
+    def test_a_location_is_served_only_by_an_installed_storage(self):
+        """A scheme no storage serves is refused, naming the ones served."""
+        assert check_served("FileManager://p1/x", {"filemanager"}) == (
+            "filemanager://p1/x"
+        )
+        with pytest.raises(InvalidData, match="served: filemanager://, s3://"):
+            check_served("foo://x/w", {"s3", "filemanager"})
 
     def test_a_service_url_loses_its_trailing_slash(self):
         """The base URL is kept without a trailing slash."""
