@@ -104,8 +104,12 @@ class SqliteStore(SqlStore):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
+        created = not path.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._migrate()
+        if created:
+            # A mistyped store URL would otherwise pass for a store with no keys.
+            log.info("created a new, empty key store at %s", path)
 
     def commit_locks(self) -> FileCommitLocks:
         """Return commit locks that hold across the processes sharing this file."""

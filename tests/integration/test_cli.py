@@ -167,6 +167,18 @@ class TestAdminCommands:
         )
         assert "dot segment" in message
 
+    def test_a_new_store_is_announced_once(self, tmp_path):
+        """A store URL that names no file yet says so: a typo shows in the log."""
+        home = tmp_path / "home"
+        argv = [COMMAND, "--home", str(home), "keys", "list"]
+        env = {**os.environ, "DAIS_LOG_LEVEL": "INFO"}
+        first, again = (
+            subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+            for _ in range(2)
+        )
+        assert "created a new, empty key store" in first.stderr
+        assert "created a new" not in again.stderr
+
     def test_a_location_no_storage_serves_is_refused(self, tmp_path):
         """A grant to ``foo://`` would fail every upload: it is refused at once."""
         home = tmp_path / "home"
