@@ -121,8 +121,11 @@ def parse_gateway_path(path: str) -> GatewayCall:
     return GatewayCall(project, version, service, normalise_route(raw_route))
 
 
-def upstream_url(base_url: str, route: str, query: str) -> str:
+def upstream_url(base_url: str, route: str, query: str | None) -> str:
     """Append a canonical route and the untouched query to a base URL.
+
+    ``query`` is ``None`` when the target had no ``?`` at all, and ``""``
+    when it ended in a bare ``?``, which is kept.
 
     Raises:
         InvalidRoute: The query holds a byte a URL cannot carry as it is
@@ -136,7 +139,7 @@ def upstream_url(base_url: str, route: str, query: str) -> str:
             "the query string must be percent-encoded (RFC 3986, section 3.4)"
         )
     url = base_url.rstrip("/") + route
-    return f"{url}?{query}" if query else url
+    return url if query is None else f"{url}?{query}"
 
 
 def relayable_status(status: int) -> int:

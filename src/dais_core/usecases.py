@@ -97,7 +97,7 @@ def authorise_call(
     credential: Credential,
     call: GatewayCall,
     method: str,
-    query: str,
+    query: str | None,
     registry: ServiceRegistry,
 ) -> Route:
     """Resolve a gateway call to its upstream and check the key may make it.
@@ -155,7 +155,7 @@ def explain(
     credential: Credential,
     method: str,
     path: str,
-    query: str,
+    query: str | None,
     registry: ServiceRegistry,
 ) -> Explanation:
     """Say whether a key could make a gateway call, and why, without making it.
@@ -164,7 +164,7 @@ def explain(
         credential: The key to explain for (its secret is not needed).
         method: The HTTP method.
         path: The raw, percent-encoded path of the call.
-        query: The raw query string.
+        query: The raw query string; ``None`` when there was no ``?``.
         registry: Where services are registered.
     """
     method = method.upper()

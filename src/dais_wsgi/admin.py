@@ -430,7 +430,7 @@ class Explain(_AdminResource):
             self.credential(body.key_id),
             body.method,
             target.path,
-            target.query,
+            target.query if "?" in body.url else None,
             self.store,
         )
         resp.media = attrs.asdict(

@@ -68,12 +68,16 @@ def raw_path(req: falcon.Request) -> str:
     return str(target).partition("?")[0]
 
 
-def raw_query(req: falcon.Request) -> str:
-    """Return the query string exactly as the client sent it."""
+def raw_query(req: falcon.Request) -> str | None:
+    """Return the query string exactly as the client sent it.
+
+    ``None`` when the target has no ``?``; ``""`` when it ends in one.
+    """
     target = req.env.get("REQUEST_URI")
     if target is None:
-        return str(req.query_string)
-    return str(target).partition("?")[2].partition("#")[0]
+        return str(req.query_string) or None
+    _, question, query = str(target).partition("?")
+    return query.partition("#")[0] if question else None
 
 
 def _rate_headers(

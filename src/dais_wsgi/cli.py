@@ -231,7 +231,8 @@ def _explain(args: argparse.Namespace) -> int:
         target = urlsplit(args.url)
     except ValueError:
         raise InvalidData("the URL does not parse") from None
-    found = explain(credential, args.method, target.path, target.query, store)
+    query = target.query if "?" in args.url else None
+    found = explain(credential, args.method, target.path, query, store)
     if args.json:
         print(json.dumps(attrs.asdict(found, value_serializer=_plain)))
     else:

@@ -118,6 +118,11 @@ class TestFaithful:
             b"payload\x00\xff",
         )
 
+    def test_a_bare_question_mark_is_kept(self, make, upstream):
+        """``/x?`` goes as ``/x?``: an empty query is not no query."""
+        assert send(make(), upstream.url + "/x?") == 200
+        assert upstream.calls[-1].target == "/x?"
+
     def test_the_upstream_status_comes_back(self, make, upstream):
         """A 503 from the upstream is what the forwarder returns."""
         upstream.status = "503 Service Unavailable"

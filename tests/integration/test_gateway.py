@@ -96,6 +96,25 @@ class TestForwarding:
         assert seen.headers["x-request-id"] == response.headers["X-Request-Id"]
 
     @pytest.mark.parametrize(
+        ("suffix", "target"),
+        [
+            ("", "/api/webhook/x"),
+            ("?", "/api/webhook/x?"),
+            ("?a=", "/api/webhook/x?a="),
+        ],
+        ids=["no-query", "bare-question-mark", "empty-value"],
+    )
+    def test_the_target_keeps_even_a_bare_question_mark(
+        self, gateway, upstream, caller, suffix, target
+    ):
+        """``/x?`` reaches the upstream as ``/x?``, not as ``/x``."""
+        status, _ = raw_call(
+            gateway, caller, f"{BASE}/p1/lineage-version/3/svc/api/webhook/x{suffix}"
+        )
+        assert status == 200
+        assert upstream.calls[-1].target == target
+
+    @pytest.mark.parametrize(
         ("host", "forwarded"),
         [
             ("example.org:8443", "example.org:8443"),

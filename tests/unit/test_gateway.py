@@ -119,14 +119,15 @@ class TestUpstreamUrl:
     @pytest.mark.parametrize(
         ("base", "route", "query", "url"),
         [
-            ("http://svc:8080", "/api/x", "", "http://svc:8080/api/x"),
-            ("http://svc:8080/", "/api/x", "", "http://svc:8080/api/x"),
-            ("http://svc/base/", "/", "", "http://svc/base/"),
+            ("http://svc:8080", "/api/x", None, "http://svc:8080/api/x"),
+            ("http://svc:8080/", "/api/x", None, "http://svc:8080/api/x"),
+            ("http://svc/base/", "/", None, "http://svc/base/"),
             ("http://svc", "/api/x", "a=1&b=%2F", "http://svc/api/x?a=1&b=%2F"),
+            ("http://svc", "/api/x", "", "http://svc/api/x?"),
         ],
     )
     def test_appends_route_and_untouched_query(self, base, route, query, url):
-        """The route goes after the base URL; the query passes unchanged."""
+        """The route goes after the base URL; the query, even empty, unchanged."""
         assert upstream_url(base, route, query) == url
 
     @pytest.mark.parametrize(
