@@ -7,9 +7,11 @@ each taking the GIL back under contention; in the served gateway that costs
 several times more CPU per call (docs/performance.md).
 
 Each handle keeps at most one connection, and the forwarder lends handles
-out one per call (a handle is never used by two threads at once), from a
-pool per upstream (scheme, host and port): at most ``pool_size`` idle ones
-per upstream, for the 64 upstreams called last. Before a pooled connection
+out one per call (a handle is never used by two threads at once). Idle
+handles wait for another call to the same upstream (scheme, host and
+port): at most ``pool_size`` per upstream and :data:`MAX_IDLE` in all, the
+longest idle closed first, since each holds three file descriptors (its
+socket and libcurl's two wake-up descriptors). Before a pooled connection
 is used again the forwarder looks at its socket itself: one the upstream
 closed, reset, or sent stray bytes on while idle is dropped, and the call
 goes on a new connection. libcurl makes the same check at most once a
@@ -91,8 +93,8 @@ _TIMED_OUT = {pycurl.E_OPERATION_TIMEDOUT}
 #: Characters that would split or end a header line.
 _LINE_BREAKERS = re.compile("[\r\n\0]")
 
-#: Upstreams whose idle connections are kept (the least recently called go).
-MAX_UPSTREAMS = 64
+#: Idle handles kept in all, whatever the upstream (the longest idle go).
+MAX_IDLE = 32
 
 
 class _Exchange:
@@ -221,8 +223,8 @@ class CurlForwarder:
 
     def __init__(self, options: ForwarderOptions) -> None:
         self.options = options
-        # Idle handles per upstream, the most recently called upstream last.
-        self._idle: collections.OrderedDict[str, list[pycurl.Curl]] = (
+        # Idle handles and their upstreams, the longest idle first.
+        self._idle: collections.OrderedDict[int, tuple[str, pycurl.Curl]] = (
             collections.OrderedDict()
         )
         self._lock = threading.Lock()
@@ -259,32 +261,36 @@ class CurlForwarder:
         """Close every idle handle and its connections."""
         with self._lock:
             idle, self._idle = self._idle, collections.OrderedDict()
-        for handles in idle.values():
-            for handle in handles:
-                handle.close()
+        for _, handle in idle.values():
+            handle.close()
 
     def _borrow(self, upstream: str) -> pycurl.Curl:
         while True:
             with self._lock:
-                handles = self._idle.get(upstream)
-                handle = handles.pop() if handles else None
+                handle = self._take_idle(upstream)
             if handle is None:
                 return self._new_handle()
             if _reusable(handle):
                 return handle
             handle.close()
 
+    def _take_idle(self, upstream: str) -> pycurl.Curl | None:
+        # Caller holds the lock. The most recently used first: its
+        # connection is the likeliest still open.
+        for key in reversed(self._idle):
+            if self._idle[key][0] == upstream:
+                return self._idle.pop(key)[1]
+        return None
+
     def _give_back(self, upstream: str, handle: pycurl.Curl) -> None:
         evicted: list[pycurl.Curl] = []
         with self._lock:
-            handles = self._idle.setdefault(upstream, [])
-            self._idle.move_to_end(upstream)
-            if len(handles) < self.options.pool_size:
-                handles.append(handle)
-            else:
-                evicted.append(handle)
-            while len(self._idle) > MAX_UPSTREAMS:
-                evicted += self._idle.popitem(last=False)[1]
+            same = [key for key, (up, _) in self._idle.items() if up == upstream]
+            if len(same) >= self.options.pool_size:
+                evicted.append(self._idle.pop(same[0])[1])
+            self._idle[id(handle)] = (upstream, handle)
+            while len(self._idle) > MAX_IDLE:
+                evicted.append(self._idle.popitem(last=False)[1][1])
         for extra in evicted:
             extra.close()
 

@@ -73,7 +73,8 @@ class Urllib3Forwarder:
     def __init__(self, options: ForwarderOptions) -> None:
         self.options = options
         self.pool = urllib3.PoolManager(
-            num_pools=64,
+            # Each idle connection holds a file descriptor: bounded in all.
+            num_pools=16,
             maxsize=options.pool_size,
             block=False,
             retries=False,

@@ -99,6 +99,9 @@ def make_server(runtime: Runtime, **overrides: Any) -> Any:
         # Read the socket in large blocks: uploads are few and large.
         "recv_bytes": 256 * 1024,
         "channel_timeout": 60,
+        # poll(), not select(): select() cannot watch a descriptor numbered
+        # 1024 or above, and the process would stop at the first one.
+        "asyncore_use_poll": True,
         # The application decides about forwarding headers: it drops the
         # caller's, or extends X-Forwarded-For when told to trust the proxy in
         # front, which waitress would otherwise strip before it sees them.

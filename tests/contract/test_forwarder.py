@@ -8,6 +8,7 @@ Each test sends real requests to a recording waitress upstream on loopback.
 from __future__ import annotations
 
 import io
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -312,6 +313,23 @@ class TestConnections:
         finally:
             upstream.close()
         assert [r.endswith(b"b" * 100) for r in upstream.requests] == [True] * 3
+
+    def test_idle_connections_to_many_upstreams_stay_few(self, make):
+        """Calls to 80 upstreams in turn leave a bounded number of descriptors."""
+        upstreams = [RawUpstream(OK) for _ in range(80)]
+        forwarder = make()
+        try:
+            before = len(os.listdir("/proc/self/fd"))
+            for upstream in upstreams:
+                for n in range(2):
+                    assert send(forwarder, upstream.url + f"/{n}") == 200
+            time.sleep(0.2)  # each upstream closes its side of a dropped one
+            grown = len(os.listdir("/proc/self/fd")) - before
+        finally:
+            for upstream in upstreams:
+                upstream.close()
+        # Both ends of each kept connection are in this process.
+        assert grown <= 4 * 32
 
     @pytest.mark.parametrize("body", [None, b"x" * 10], ids=["no-body", "body"])
     def test_a_post_never_goes_on_a_connection_closed_while_idle(self, make, body):

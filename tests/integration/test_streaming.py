@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import filecmp
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -274,6 +275,27 @@ class TestDeadlinesAndDisconnects:
             time.sleep(0.3)
         assert wait_until_empty(gateway) == []
         assert (gateway.filemanager / "p1/big/keep").read_bytes() == b"version one"
+
+
+class TestManyDescriptors:
+    """The event loop serves sockets whatever their descriptor numbers."""
+
+    def test_a_socket_numbered_past_1024_is_served(self, gateway):
+        """select() cannot watch descriptor 1024 or above; the loop uses poll()."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"this process may open only {hard} files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+        padding = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        try:
+            # The gateway runs in this process: its next sockets get high numbers.
+            with connect(gateway) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_status(sock) == 200
+        finally:
+            for fd in padding:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 class TestFoldersSwappedMidUpload:
