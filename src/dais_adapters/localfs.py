@@ -16,6 +16,7 @@ path swapped for a symbolic link meanwhile cannot send the file elsewhere.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import stat
@@ -99,6 +100,15 @@ class _StagedFile:
         self.previous: str | None = None
         self.committed = False
 
+    def __del__(self) -> None:
+        # A copy dropped without commit or abort (a bug further up) still
+        # lets go of its descriptors, its writer and its lock.
+        with contextlib.suppress(Exception):
+            if self.committed:
+                self._close_folders()
+            elif self.staging_fd != -1:
+                self.abort()
+
     def write(self, chunk: bytes) -> None:
         with _translated("write the file"):
             self.handle.write(chunk)
@@ -114,7 +124,6 @@ class _StagedFile:
         with _translated("store the file"):
             self.handle.flush()
             os.fsync(self.handle.fileno())
-            self.handle.close()
             folder = self._make_missing()
             if self._has_previous():
                 previous = f"{uuid.uuid4().hex}{_PREVIOUS}"
@@ -128,6 +137,8 @@ class _StagedFile:
                 self.previous = previous
             os.replace(self.temp.name, name, src_dir_fd=staging, dst_dir_fd=folder)
             self.committed = True
+            # Closed only now: until renamed, the copy stays locked.
+            self.handle.close()
             os.fsync(folder)
         log.debug("committed %s", self.destination)
 
@@ -268,6 +279,9 @@ class LocalFolderStorage:
             with _translated("stage the file"):
                 name = f"{uuid.uuid4().hex}{_SUFFIX}"
                 handle = NewFile(Path(name), dir_fd=staging_fd)
+                # Held until the copy is renamed or dropped: the sweep of
+                # any process leaves a locked copy alone, however old.
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             os.close(staging_fd)
             os.close(folder_fd)
@@ -290,26 +304,61 @@ class LocalFolderStorage:
         """Remove staged copies left by a process that died; return how many.
 
         Staged copies (``.part``) and the previous files kept for a rollback
-        (``.prev``) untouched for ``min_age`` seconds are removed. Other
-        gateways sharing the folder may have uploads in flight: a copy being
-        written is touched continuously, and one stalled longer than the
-        request deadline has been given up, so ``serve`` passes that
-        deadline.
+        (``.prev``) untouched for ``min_age`` seconds are removed, and only
+        those: a copy being written is locked by its writer (``flock``) and
+        left alone whatever its age, and other entries are never touched.
+        Other gateways sharing the folder may have uploads in flight, so
+        ``serve`` passes the request deadline as ``min_age`` too. A staging
+        folder that is a symbolic link is not followed.
         """
+        real_root = self.root.resolve()
+        try:
+            folder = _open_folder(real_root, real_root / STAGING_FOLDER)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            log.warning("not sweeping %s: %s", self.staging, exc.strerror)
+            return 0
         removed = 0
-        if not self.staging.is_dir():
-            return removed
-        cutoff = time.time() - min_age
-        for stale in self.staging.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                status = stale.stat()
-                if max(status.st_mtime, status.st_ctime) > cutoff:
-                    continue
-                stale.unlink()
-                removed += 1
+        try:
+            cutoff = time.time() - min_age
+            for name in os.listdir(folder):
+                if name.endswith((_SUFFIX, _PREVIOUS)) and _remove_if_stale(
+                    folder, name, cutoff
+                ):
+                    removed += 1
+        finally:
+            os.close(folder)
         if removed:
             log.warning("removed %d stale staged files from %s", removed, self.staging)
         return removed
+
+
+def _remove_if_stale(folder: int, name: str, cutoff: float) -> bool:
+    """Remove a regular file idle since ``cutoff`` that nobody holds locked."""
+    try:
+        status = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        if not stat.S_ISREG(status.st_mode):
+            return False
+        if max(status.st_mtime, status.st_ctime) > cutoff:
+            return False
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("not sweeping staged file %s: %s", name, exc.strerror)
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its writer is alive
+    try:
+        os.unlink(name, dir_fd=folder)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 @hookimpl

@@ -33,10 +33,13 @@ def sweep_storages(runtime: Runtime) -> None:
     Only copies idle for longer than a request may last are swept, so the
     uploads in flight of other gateways sharing the storage are left alone.
     """
-    for storage in runtime.storages.values():
+    for scheme, storage in runtime.storages.items():
         sweep = getattr(storage, "sweep", None)
         if callable(sweep):
-            sweep(min_age=runtime.settings.request_timeout)
+            try:
+                sweep(min_age=runtime.settings.request_timeout)
+            except Exception as exc:  # a sweep that fails never stops serving
+                log.warning("could not sweep %s:// staged copies: %s", scheme, exc)
 
 
 class Sweeper:
@@ -74,10 +77,7 @@ class Sweeper:
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):
-            try:
-                sweep_storages(self.runtime)
-            except Exception as exc:  # the next sweep may fare better
-                log.warning("could not sweep the staged copies: %s", exc)
+            sweep_storages(self.runtime)
 
 
 def make_server(runtime: Runtime, **overrides: Any) -> Any:
