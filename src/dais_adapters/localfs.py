@@ -97,6 +97,9 @@ class _StagedFile:
         # Folders between the held one and the file, made only on commit, so
         # that a failed upload leaves no empty folders behind.
         self.missing = missing
+        # Folders the commit made, each with its parent held open, so that
+        # a rollback can take them away again.
+        self._made: list[tuple[int, str]] = []
         self.previous: str | None = None
         self.committed = False
 
@@ -148,6 +151,12 @@ class _StagedFile:
                 self.handle.close()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.temp.name, dir_fd=self.staging_fd)
+                if self.previous is not None and not self.committed:
+                    # The commit kept the previous file, then failed.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.previous, dir_fd=self.staging_fd)
+                    self.previous = None
+                self._unmake_folders()
         finally:
             self._close_folders()
 
@@ -169,6 +178,7 @@ class _StagedFile:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(name, dir_fd=folder)
                 os.fsync(folder)
+                self._unmake_folders()
         finally:
             self._close_folders()
         log.warning("rolled back %s", self.destination)
@@ -188,14 +198,30 @@ class _StagedFile:
     def _make_missing(self) -> int:
         """Make the folders still missing, one step at a time, following no link."""
         for part in self.missing:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, dir_fd=self.folder_fd)
-                os.fsync(self.folder_fd)
-            inner = os.open(part, _FOLDER_FLAGS | os.O_NOFOLLOW, dir_fd=self.folder_fd)
-            os.close(self.folder_fd)
-            self.folder_fd = inner
+            parent = self.folder_fd
+            try:
+                os.mkdir(part, dir_fd=parent)
+            except FileExistsError:
+                made = False
+            else:
+                made = True
+                os.fsync(parent)
+            self.folder_fd = os.open(part, _FOLDER_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+            if made:
+                self._made.append((parent, part))
+            else:
+                os.close(parent)
         self.missing = ()
         return self.folder_fd
+
+    def _unmake_folders(self) -> None:
+        """Remove the folders the commit made, deepest first, while empty."""
+        for parent, part in reversed(self._made):
+            try:
+                os.rmdir(part, dir_fd=parent)
+            except OSError:
+                return  # someone else's file landed there meanwhile
+            os.fsync(parent)
 
     def _has_previous(self) -> bool:
         try:
@@ -207,10 +233,12 @@ class _StagedFile:
         return not stat.S_ISDIR(status.st_mode)
 
     def _close_folders(self) -> None:
-        for fd in {self.staging_fd, self.folder_fd} - {-1}:
+        held = {self.staging_fd, self.folder_fd, *(fd for fd, _ in self._made)}
+        for fd in held - {-1}:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.staging_fd = self.folder_fd = -1
+        self._made = []
 
 
 class LocalFolderStorage:

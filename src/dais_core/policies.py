@@ -149,6 +149,10 @@ def resolve_endpoint(
     return max(named, key=lambda e: e.lineage_version)
 
 
+#: The longest period a rate may count over: a year, in seconds.
+MAX_PERIOD = 365 * 86400.0
+
+
 @attrs.frozen
 class RatePolicy:
     """A GCRA policy: ``rate`` requests per ``period`` seconds, ``burst`` at once.
@@ -162,8 +166,10 @@ class RatePolicy:
 
     @period.validator
     def _check_period(self, attribute: attrs.Attribute[float], value: float) -> None:
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"the period must be a positive number, not {value!r}")
+        if not 0 < value <= MAX_PERIOD:
+            raise ValueError(
+                f"the period must be above 0 and at most a year, not {value!r}"
+            )
 
     @property
     def interval(self) -> float:

@@ -52,6 +52,10 @@ from dais_wsgi.settings import CPU_AFFINITY, DEFAULT_HOME, FORWARDERS, Settings
 __all__ = ["main"]
 
 
+#: The most gateway processes ``serve --workers`` starts.
+MAX_WORKERS = 256
+
+
 def _rate(text: str | None) -> RatePolicy | None:
     """Read ``N`` or ``N/SECONDS`` (optionally ``,burst=B``) as a rate policy."""
     if not text or text == "off":
@@ -65,6 +69,12 @@ def _rate(text: str | None) -> RatePolicy | None:
             "a rate reads N, N/SECONDS or N/SECONDS,burst=B (N and B whole "
             f"numbers from 1, SECONDS above 0), not {text!r}"
         ) from None
+
+
+def _workers(text: str) -> int:
+    if re.fullmatch("[0-9]{1,3}", text) and 1 <= int(text) <= MAX_WORKERS:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"a number from 1 to {MAX_WORKERS}, not {text!r}")
 
 
 def _cpu_affinity(text: str) -> str:
@@ -450,7 +460,7 @@ def _parser() -> argparse.ArgumentParser:
             )
             command.add_argument(
                 "--workers",
-                type=int,
+                type=_workers,
                 default=1,
                 help="gateway processes sharing the port (needs --throttle redis://)",
             )

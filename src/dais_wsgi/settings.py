@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,17 @@ def _between(low: int, high: int | None = None) -> Any:
     return attrs.validators.and_(*checks)
 
 
+#: The longest duration a setting may name: a day.
+MAX_SECONDS = 86400.0
+
+
 def _seconds(instance: Any, attribute: attrs.Attribute[float], value: float) -> None:
-    """A duration: a finite number of seconds above zero."""
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"'{attribute.name}' must be seconds above 0, not {value!r}")
+    """A duration: more than zero seconds, at most :data:`MAX_SECONDS`."""
+    if not (isinstance(value, int | float) and 0 < value <= MAX_SECONDS):
+        raise ValueError(
+            f"'{attribute.name}' must be seconds above 0 and at most a day "
+            f"({MAX_SECONDS:.0f}), not {value!r}"
+        )
 
 
 @attrs.frozen

@@ -7,8 +7,9 @@ of its own unless ``--cpu-affinity off`` (worker i on the i-th CPU the
 parent may use, round the list), and stops them (by PID) when it is
 stopped. The workers share keys, services and the throttle only
 through the store and the throttle state, so several workers need a shared
-throttle (Redis); the caps on requests in flight and the commit lock stay
-per worker.
+throttle (Redis); the caps on requests in flight stay per worker, while
+the store's commit lock (PostgreSQL's advisory locks, SQLite's lock file)
+spans them.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dais_adapters.localfs import STAGING_FOLDER, LocalFolderStorage
+from dais_core.errors import PublishFailed
 from dais_core.rules import parse_location
 
 pytestmark = pytest.mark.integration
@@ -74,3 +75,21 @@ class TestSweep:
         link.symlink_to(target)
         assert storage.sweep(min_age=0) == 0
         assert link.is_symlink() and target.exists()
+
+
+class TestFailedCommit:
+    """A commit that fails leaves the location and the staging folder clean."""
+
+    def test_no_previous_file_is_left_when_the_rename_fails(self, storage):
+        """The kept previous file goes with the aborted copy; the file stays."""
+        where = parse_location("filemanager://p1/x.bin")
+        (storage.root / "p1").mkdir()
+        (storage.root / "p1/x.bin").write_bytes(b"before")
+        staged = storage.stage(where)
+        staged.write(b"after")
+        staged.temp.unlink()  # the rename now has nothing to move
+        with pytest.raises(PublishFailed):
+            staged.commit()
+        staged.abort()
+        assert (storage.root / "p1/x.bin").read_bytes() == b"before"
+        assert list((storage.root / STAGING_FOLDER).iterdir()) == []

@@ -277,6 +277,42 @@ class TestDeadlinesAndDisconnects:
         assert (gateway.filemanager / "p1/big/keep").read_bytes() == b"version one"
 
 
+class TestRollbackOfNewFolders:
+    """A rolled-back publish takes away the folders its commit made."""
+
+    def test_a_failed_location_leaves_no_new_folder_at_another(self, gateway, tmp_path):
+        """The first location's new folders go when the second cannot commit."""
+        _, token = gateway.make_key(
+            grants=(
+                (
+                    "two",
+                    (
+                        "filemanager://p1/m3/deep/y.bin",
+                        "filemanager://p1/m4/deep/y.bin",
+                    ),
+                    DataType.BINARY,
+                ),
+            )
+        )
+        project = gateway.filemanager / "p1"
+        project.mkdir(parents=True)
+        closing = b"\r\n--b0undary--\r\n"
+        with connect(gateway) as sock:
+            sock.sendall(raw_upload_head(gateway, token, "two", MiB + len(closing)))
+            sock.sendall(b"q" * (MiB // 2))
+            deadline = time.monotonic() + 10
+            while len(staged(gateway)) < 2:
+                assert time.monotonic() < deadline, "the upload was never staged"
+                time.sleep(0.02)
+            # A file where the second location needs a folder: its commit fails.
+            (project / "m4").write_bytes(b"in the way")
+            sock.sendall(b"q" * (MiB // 2) + closing)
+            status = read_status(sock)
+        assert status == 500
+        assert sorted(p.name for p in project.iterdir()) == ["m4"]
+        assert wait_until_empty(gateway) == []
+
+
 class TestManyDescriptors:
     """The event loop serves sockets whatever their descriptor numbers."""
 

@@ -282,6 +282,7 @@ class TestRatePolicy:
             {"period": -1.0},
             {"period": float("inf")},
             {"period": float("nan")},
+            {"period": 1e300},
         ],
     )
     def test_a_policy_that_admits_nothing_sane_is_refused(self, fields):
