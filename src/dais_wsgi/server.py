@@ -48,8 +48,8 @@ class Sweeper:
     The start-up sweep clears what this gateway's killed predecessor left;
     this one clears what another gateway sharing the storage left when it
     died, without waiting for a restart. A copy counts as stale once idle
-    for ``request_timeout``, so sweeping that often removes one within two
-    request timeouts of its last write.
+    for ``request_timeout`` and no longer locked by a writer, so sweeping
+    that often removes one within two request timeouts of its last write.
 
     Args:
         runtime: The wired gateway.
