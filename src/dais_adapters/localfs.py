@@ -307,15 +307,23 @@ class LocalFolderStorage:
             with _translated("stage the file"):
                 name = f"{uuid.uuid4().hex}{_SUFFIX}"
                 handle = NewFile(Path(name), dir_fd=staging_fd)
-                # Held until the copy is renamed or dropped: the sweep of
-                # any process leaves a locked copy alone, however old.
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             os.close(staging_fd)
             os.close(folder_fd)
             raise
         temp = real_root / STAGING_FOLDER / name
-        return _StagedFile(temp, destination, handle, (staging_fd, folder_fd), missing)
+        staged = _StagedFile(
+            temp, destination, handle, (staging_fd, folder_fd), missing
+        )
+        try:
+            with _translated("lock the staged file"):
+                # Held until the copy is renamed or dropped: the sweep of
+                # any process leaves a locked copy alone, however old.
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            staged.abort()
+            raise
+        return staged
 
     def ping(self) -> None:
         """Check the File Manager folder exists (or can be made) and is writable.
