@@ -87,6 +87,13 @@ def log_in(
     )
 
 
+def lead_logs_in(gateway: Gateway, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+    """A new project admin of p1 posts the login form with ``headers``."""
+    lead = project_admin(gateway, "p1")
+    fields = {"token": lead.token, "next": "/app/p1/admin/apikeys"}
+    return log_in(urllib3.PoolManager(retries=False), gateway, fields, headers)
+
+
 def upload(gateway: Gateway, token: str, resource: str = "x") -> int:
     http = urllib3.PoolManager(retries=False)
     return int(
@@ -405,14 +412,7 @@ class TestProjectArea:
     )
     def test_a_login_posted_from_another_site_is_refused(self, gateway, headers):
         """A foreign Origin, Referer or fetch site cannot log a browser in."""
-        lead = project_admin(gateway, "p1")
-        http = urllib3.PoolManager(retries=False)
-        login = log_in(
-            http,
-            gateway,
-            {"token": lead.token, "next": "/app/p1/admin/apikeys"},
-            headers=headers,
-        )
+        login = lead_logs_in(gateway, headers)
         assert login.status == 403
         assert "Set-Cookie" not in login.headers
 
@@ -423,13 +423,6 @@ class TestProjectArea:
     )
     def test_a_login_from_this_site_or_no_browser_passes(self, gateway, headers):
         """A same-origin form, a URL typed by hand, or a script gets its cookie."""
-        lead = project_admin(gateway, "p1")
-        http = urllib3.PoolManager(retries=False)
-        login = log_in(
-            http,
-            gateway,
-            {"token": lead.token, "next": "/app/p1/admin/apikeys"},
-            headers=headers,
-        )
+        login = lead_logs_in(gateway, headers)
         assert login.status == 303
         assert "Set-Cookie" in login.headers
