@@ -289,6 +289,10 @@ class JsonErrorTask(ErrorTask):  # type: ignore[misc]
             }
         ).encode()
         self.status = f"{code} {reason}"
+        # The version this server speaks (RFC 9110, section 2.5), also for
+        # a request refused before its request line was read (headers too
+        # large), which waitress would answer as HTTP/1.0.
+        self.version = "1.1"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()
         self.content_length = len(body)
