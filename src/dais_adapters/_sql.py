@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from dais_core.admin import AdminToken, AuditRecord, Role
+from dais_core.admin import AdminSession, AdminToken, AuditRecord, Role
 from dais_core.errors import NotFound
 from dais_core.values import (
     ApiKey,
@@ -192,6 +192,16 @@ _SCHEMA = (
         target TEXT NOT NULL,
         detail TEXT NOT NULL DEFAULT '{{}}'
     )
+    """,
+    """
+    CREATE TABLE admin_sessions (
+        id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        admin_id TEXT NOT NULL REFERENCES admins (id),
+        created {real} NOT NULL,
+        expires {real} NOT NULL
+    );
+    CREATE INDEX admin_sessions_expires ON admin_sessions (expires)
     """,
 )
 
@@ -565,6 +575,46 @@ class SqlStore:
             row["created"],
             row["revoked"],
         )
+
+    def add_session(self, session: AdminSession) -> None:
+        """Store a new browser session; sessions that have ended go."""
+        with self._transaction() as db:
+            self._exec(
+                db,
+                "DELETE FROM admin_sessions WHERE expires <= ?",
+                (session.created,),
+            )
+            self._exec(
+                db,
+                "INSERT INTO admin_sessions (id, secret_hash, admin_id, created,"
+                " expires) VALUES (?,?,?,?,?)",
+                (
+                    session.id,
+                    session.secret_hash,
+                    session.admin_id,
+                    session.created,
+                    session.expires,
+                ),
+            )
+
+    def load_session(self, session_id: str) -> AdminSession | None:
+        """Return the session with that id, or ``None``."""
+        rows = self._read("SELECT * FROM admin_sessions WHERE id = ?", session_id)
+        if not rows:
+            return None
+        row = rows[0]
+        return AdminSession(
+            row["id"],
+            row["secret_hash"],
+            row["admin_id"],
+            row["created"],
+            row["expires"],
+        )
+
+    def end_session(self, session_id: str) -> None:
+        """Forget a session (logout); an unknown one is already gone."""
+        with self._transaction() as db:
+            self._exec(db, "DELETE FROM admin_sessions WHERE id = ?", (session_id,))
 
     def record_audit(self, record: AuditRecord) -> None:
         """Keep one admin action."""

@@ -24,6 +24,7 @@ from dais_core.errors import Unauthenticated
 
 __all__ = [
     "ADMIN_PREFIX",
+    "SESSION_PREFIX",
     "TOKEN_PREFIX",
     "NewKey",
     "hash_secret",
@@ -35,6 +36,9 @@ __all__ = [
 TOKEN_PREFIX = "dais"
 #: The prefix of admin tokens, which are never accepted as API keys.
 ADMIN_PREFIX = "daisadm"
+#: The prefix of admin browser sessions, which are no admin tokens either.
+SESSION_PREFIX = "daisses"
+_WHAT = {ADMIN_PREFIX: "admin token", SESSION_PREFIX: "session"}
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _SECRET_LENGTH = 32
 _TOKEN = re.compile(
@@ -73,7 +77,7 @@ def new_key(
     Args:
         random_bytes: The source of randomness; the default is the OS's CSPRNG.
         prefix: :data:`TOKEN_PREFIX` for API keys, :data:`ADMIN_PREFIX` for
-            admin tokens.
+            admin tokens, :data:`SESSION_PREFIX` for admin sessions.
     """
     key_id = random_bytes(8).hex()
     secret = "".join(_ALPHABET[b % 62] for b in _unbiased(random_bytes, _SECRET_LENGTH))
@@ -101,7 +105,7 @@ def parse_token(token: str, prefix: str = TOKEN_PREFIX) -> tuple[str, str]:
         Unauthenticated: The token is not of the dais form or its checksum
             does not match.
     """
-    what = "admin token" if prefix == ADMIN_PREFIX else "API key"
+    what = _WHAT.get(prefix, "API key")
     found = _TOKEN.fullmatch(token)
     if found is None or found["prefix"] != prefix:
         raise Unauthenticated(f"the {what} is malformed")

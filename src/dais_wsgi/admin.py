@@ -1,8 +1,8 @@
 """The admin API (``/admin/v1``) and the project admin area (``/app``).
 
-Admin tokens come as ``Authorization: Bearer daisadm_...`` or, for a browser
-that logged in at ``/app/login``, in the ``dais_admin`` cookie (HttpOnly,
-SameSite=Strict). Request bodies are structured with cattrs into frozen
+Admin tokens come as ``Authorization: Bearer daisadm_...``; a browser that
+logged in at ``/app/login`` holds a session in the ``dais_admin`` cookie
+(HttpOnly, SameSite=Strict) instead, never the token itself. Request bodies are structured with cattrs into frozen
 attrs classes, so an unknown or mistyped field is a 400, never ignored.
 Every change is recorded in the audit log.
 """
@@ -21,7 +21,6 @@ from dais_core.admin import (
     AdminToken,
     AuditRecord,
     Role,
-    authenticate_admin,
     require_platform,
     successor,
 )
@@ -46,7 +45,7 @@ from dais_core.values import (
     Permission,
     ServiceEndpoint,
 )
-from dais_wsgi.area import ApiKeysPage, Login, Logout, presented_token
+from dais_wsgi.area import ApiKeysPage, Login, Logout, presented_admin
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.present import audit_json, credential_json, iso, parse_iso
 
@@ -186,9 +185,7 @@ class _AdminResource:
         self.store = runtime.admin
 
     def admin(self, req: falcon.Request) -> AdminToken:
-        found = authenticate_admin(
-            self.store, presented_token(req), self.runtime.clock()
-        )
+        found = presented_admin(req, self.runtime)
         req.context.key_id = f"admin:{found.id}"
         return found
 
@@ -494,7 +491,7 @@ def add_admin_routes(app: falcon.App[Any, Any], runtime: Runtime) -> None:
         ("/admin/v1/admins", Admins(runtime)),
         ("/admin/v1/audit", Audit(runtime)),
         ("/app/login", Login(runtime)),
-        ("/app/logout", Logout()),
+        ("/app/logout", Logout(runtime)),
         ("/app/{project}/admin/apikeys", ApiKeysPage(runtime)),
     ]
     for template, resource in routes:

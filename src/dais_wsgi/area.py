@@ -8,18 +8,27 @@ shown is escaped; the pages forbid scripts, framing and caching.
 from __future__ import annotations
 
 import html
+import math
 import re
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import falcon
 
-from dais_core.admin import authenticate_admin, require_project
+from dais_core.admin import (
+    AdminToken,
+    AuditRecord,
+    authenticate_admin,
+    authenticate_session,
+    open_session,
+    require_project,
+)
 from dais_core.errors import Forbidden, InvalidData, Unauthenticated
+from dais_core.keys import SESSION_PREFIX, new_key
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.present import credential_json, iso
 
-__all__ = ["ApiKeysPage", "Login", "Logout", "area_error", "presented_token"]
+__all__ = ["ApiKeysPage", "Login", "Logout", "area_error", "presented_admin"]
 
 COOKIE = "dais_admin"
 _RECENT = 20
@@ -63,7 +72,7 @@ def _secure(req: falcon.Request) -> bool:
 
 
 class Login:
-    """``/app/login``: a form for an admin token, which becomes a cookie."""
+    """``/app/login``: a form for an admin token, which opens a session."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -73,8 +82,9 @@ class Login:
         _form(resp, _safe_next(req.get_param("next")), "")
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Check the token; on success, set the cookie and go on.
+        """Check the token; on success, open a session and go on.
 
+        The cookie holds the session's own secret, never the admin token.
         A browser posting from another site's page (its ``Origin`` is not
         this host) is refused, so no page elsewhere can log a visitor in.
         """
@@ -92,10 +102,12 @@ class Login:
             return
         if target == "/app/login" and admin.project:
             target = f"/app/{quote(admin.project)}/admin/apikeys"
+        cookie = self._open(admin)
         resp.set_headers(_HEADERS)
         resp.set_cookie(
             COOKIE,
-            token,
+            cookie,
+            max_age=math.ceil(self.runtime.settings.admin_session),
             path="/app/",
             http_only=True,
             secure=_secure(req),
@@ -104,12 +116,39 @@ class Login:
         resp.status = 303
         resp.set_header("Location", target)
 
+    def _open(self, admin: AdminToken) -> str:
+        """Store a new session for ``admin``, audit it, return its token."""
+        now = self.runtime.clock()
+        made = new_key(prefix=SESSION_PREFIX)
+        lifetime = self.runtime.settings.admin_session
+        session = open_session(admin, made, now, lifetime)
+        store = self.runtime.admin
+        store.add_session(session)
+        detail = {"expires": session.expires}
+        store.record_audit(AuditRecord(now, admin.id, "session.open", made.id, detail))
+        return made.token
+
 
 class Logout:
-    """``/app/logout``: forget the cookie."""
+    """``/app/logout``: end the session and forget the cookie."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Drop the session cookie."""
+        """End the session the cookie names, if it is still valid; drop it."""
+        values = req.get_cookie_values(COOKIE)
+        store = self.runtime.admin
+        now = self.runtime.clock()
+        try:
+            session, admin = authenticate_session(
+                store, values[0] if values else None, now
+            )
+        except Unauthenticated:
+            pass  # nothing to end: the cookie is dropped all the same
+        else:
+            store.end_session(session.id)
+            store.record_audit(AuditRecord(now, admin.id, "session.end", session.id))
         resp.unset_cookie(COOKIE, path="/app/")
         resp.status = 303
         resp.set_header("Location", "/app/login")
@@ -189,9 +228,8 @@ class ApiKeysPage:
         wants_json = (
             req.client_prefers(["application/json", "text/html"]) == "application/json"
         )
-        token = presented_token(req)
         try:
-            admin = authenticate_admin(self.store, token, self.runtime.clock())
+            admin = presented_admin(req, self.runtime)
         except Unauthenticated:
             if wants_json:
                 raise
@@ -221,13 +259,21 @@ class ApiKeysPage:
         }
 
 
-def presented_token(req: falcon.Request) -> str | None:
+def presented_admin(req: falcon.Request, runtime: Runtime) -> AdminToken:
+    """Return the admin behind a request: a bearer token, or a session cookie.
+
+    Raises:
+        Unauthenticated: Neither is valid.
+    """
+    now = runtime.clock()
     header = req.get_header("Authorization")
     if header:
         scheme, _, token = header.partition(" ")
-        return token if scheme.lower() == "bearer" else None
+        bearer = token if scheme.lower() == "bearer" else None
+        return authenticate_admin(runtime.admin, bearer, now)
     values = req.get_cookie_values(COOKIE)
-    return values[0] if values else None
+    cookie = values[0] if values else None
+    return authenticate_session(runtime.admin, cookie, now)[1]
 
 
 def _render(project: str, keys: list[dict[str, Any]]) -> str:

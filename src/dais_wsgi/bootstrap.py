@@ -17,6 +17,7 @@ from dais_adapters.cache import (
     CachedRegistry,
 )
 from dais_adapters.hooks import ForwarderOptions, StorageContext, plugin_manager
+from dais_core.admin import AdminSession
 from dais_core.errors import InvalidData
 from dais_core.policies import ChainedLocks, ConcurrencyCap, KeyedLocks, Throttler
 from dais_core.ports import (
@@ -54,6 +55,8 @@ class AdminStore(Protocol):
     def load(self, key_id: str) -> Credential | None: ...
     def endpoints(self, project: str) -> Sequence[ServiceEndpoint]: ...
     def revoke_admin(self, admin_id: str, now: float) -> None: ...
+    def add_session(self, session: AdminSession) -> None: ...
+    def end_session(self, session_id: str) -> None: ...
 
 
 class Inspectors:

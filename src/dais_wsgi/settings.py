@@ -98,6 +98,8 @@ class Settings:
     key_cache_degraded_ttl: float = 1.0
     #: Seconds between two batched writes of records and last-use times.
     record_interval: float = attrs.field(default=0.5, validator=_seconds)
+    #: Seconds a browser's admin session lasts after its login (8 hours).
+    admin_session: float = attrs.field(default=8 * 3600.0, validator=_seconds)
     #: Extend a caller's ``X-Forwarded-For`` chain instead of starting anew;
     #: set it only behind a proxy that overwrites the header.
     trust_forwarded: bool = False

@@ -453,3 +453,41 @@ class TestCommitLocks:
             assert waited >= 0.5
         finally:
             assert child.wait(timeout=30) == 0
+
+
+class TestAdminSessions:
+    """Browser sessions of admins in every store."""
+
+    def _admin(self, store: Any) -> Any:
+        from dais_core.admin import AdminToken, Role
+
+        admin = AdminToken("00000000000000aa", "hash", Role.PROJECT, "p1", "lead", 5.0)
+        store.add_admin(admin)
+        return admin
+
+    def test_a_session_round_trips_and_ends(self, store):
+        """A stored session loads as it was; after end_session it is gone."""
+        from dais_core.admin import AdminSession
+
+        self._admin(store)
+        session = AdminSession("00000000000000s1", "h1", "00000000000000aa", 10.0, 50.0)
+        store.add_session(session)
+        assert store.load_session(session.id) == session
+        store.end_session(session.id)
+        assert store.load_session(session.id) is None
+        store.end_session(session.id)  # ending it twice is no error
+
+    def test_opening_a_session_drops_the_ended_ones(self, store):
+        """The table keeps only sessions that have not ended."""
+        from dais_core.admin import AdminSession
+
+        self._admin(store)
+        old = AdminSession("00000000000000s1", "h1", "00000000000000aa", 10.0, 50.0)
+        live = AdminSession("00000000000000s2", "h2", "00000000000000aa", 20.0, 90.0)
+        store.add_session(old)
+        store.add_session(live)
+        new = AdminSession("00000000000000s3", "h3", "00000000000000aa", 60.0, 99.0)
+        store.add_session(new)
+        assert store.load_session(old.id) is None
+        assert store.load_session(live.id) == live
+        assert store.load_session(new.id) == new

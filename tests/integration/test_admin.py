@@ -94,6 +94,26 @@ def lead_logs_in(gateway: Gateway, headers: dict[str, str]) -> urllib3.BaseHTTPR
     return log_in(urllib3.PoolManager(retries=False), gateway, fields, headers)
 
 
+def session_of(gateway: Gateway, admin: Admin) -> str:
+    """Log ``admin`` in through the form; return the ``Cookie`` header to send."""
+    fields = {"token": admin.token, "next": "/app/login"}
+    login = log_in(urllib3.PoolManager(retries=False), gateway, fields)
+    assert login.status == 303
+    return str(login.headers["Set-Cookie"]).split(";")[0]
+
+
+def area_page(
+    gateway: Gateway, cookie: str, accept: str = "text/html"
+) -> urllib3.BaseHTTPResponse:
+    """Ask for p1's key page with only a cookie, without following redirects."""
+    return urllib3.PoolManager(retries=False).request(
+        "GET",
+        f"{gateway.url}/app/p1/admin/apikeys",
+        headers={"Cookie": cookie, "Accept": accept},
+        redirect=False,
+    )
+
+
 def upload(gateway: Gateway, token: str, resource: str = "x") -> int:
     http = urllib3.PoolManager(retries=False)
     return int(
@@ -334,7 +354,7 @@ class TestProjectArea:
         assert page.headers["X-Frame-Options"] == "DENY"
 
     def test_login_sets_a_strict_http_only_cookie(self, gateway):
-        """The form login gives a cookie that opens the page; logout drops it."""
+        """The form login gives a session cookie, not the token, that opens the page."""
         lead = project_admin(gateway, "p1")
         http = urllib3.PoolManager(retries=False)
         login = log_in(
@@ -344,13 +364,47 @@ class TestProjectArea:
         assert login.headers["Location"] == "/app/p1/admin/apikeys"
         cookie = login.headers["Set-Cookie"]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
-        page = http.request(
-            "GET",
-            f"{gateway.url}/app/p1/admin/apikeys",
-            headers={"Cookie": cookie.split(";")[0], "Accept": "text/html"},
+        assert "Max-Age=28800" in cookie
+        session = cookie.split(";")[0]
+        assert session.startswith("dais_admin=daisses_")
+        assert lead.token.rpartition("_")[2] not in cookie
+        assert area_page(gateway, session).status == 200
+        assert "API keys of" in area_page(gateway, session).data.decode()
+
+    def test_logout_ends_the_session_for_good(self, gateway, platform):
+        """After logout, a copy of the old cookie opens nothing; both are audited."""
+        session = session_of(gateway, project_admin(gateway, "p1"))
+        http = urllib3.PoolManager(retries=False)
+        out = http.request(
+            "POST",
+            f"{gateway.url}/app/logout",
+            headers={"Cookie": session},
+            redirect=False,
         )
-        assert page.status == 200
-        assert "API keys of" in page.data.decode()
+        assert out.status == 303
+        assert "Max-Age=0" in out.headers["Set-Cookie"] or "expires=" in (
+            out.headers["Set-Cookie"].lower()
+        )
+        replayed = area_page(gateway, session)
+        assert replayed.status == 303
+        assert replayed.headers["Location"].startswith("/app/login?next=")
+        actions = platform.call("GET", "/admin/v1/audit").json()["actions"]
+        assert [a["action"] for a in actions[:2]] == ["session.end", "session.open"]
+
+    def test_revoking_the_admin_token_ends_its_sessions(self, gateway):
+        """A session lasts no longer than the admin token it was opened with."""
+        made = make_admin(gateway.store, Role.PROJECT, "p1", "lead", time.time())
+        session = session_of(gateway, Admin(gateway, made["token"]))
+        assert area_page(gateway, session).status == 200
+        gateway.store.revoke_admin(made["id"], time.time())
+        assert area_page(gateway, session).status == 303
+
+    def test_the_admin_token_itself_is_no_session(self, gateway):
+        """A cookie holding an admin token (the old form) is refused."""
+        lead = project_admin(gateway, "p1")
+        page = area_page(gateway, f"dais_admin={lead.token}", "application/json")
+        assert page.status == 401
+        assert lead.token not in page.data.decode()
 
     def test_a_browser_without_a_session_is_sent_to_login(self, gateway):
         """No cookie: a redirect to the login form, not an error page."""
