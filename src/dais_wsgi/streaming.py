@@ -490,6 +490,10 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
     def handle_write(self) -> None:
         """Flush output; when lingering, shut the sending side once flushed."""
         super().handle_write()
+        if not self.connected:
+            # Closed already: the client left, seen in the same turn of the
+            # event loop as this write.
+            return
         if self.linger_until and not self.linger_shut and not self.total_outbufs_len:
             self.linger_shut = True
             try:

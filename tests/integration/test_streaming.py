@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import logging
 import os
 import resource
 import shutil
@@ -134,6 +135,18 @@ class TestEarlyRefusal:
         )
         assert status == 401
         assert sent < 4 * MiB
+
+    def test_a_refused_upload_ends_its_connection_without_an_error(
+        self, gateway, grant, tmp_path, caplog
+    ):
+        """A client leaving as its refusal is flushed leaves no crash in the log."""
+        source = sparse(tmp_path / "big.bin", 64 * MiB)
+        url = f"{gateway.url}/integration/v1/resources/other/x"
+        with caplog.at_level(logging.WARNING):
+            for _ in range(5):
+                assert curl_upload(url, grant[1], source)[0] == 401
+            time.sleep(0.3)  # the server closes after the client has its answer
+        assert [r.getMessage() for r in caplog.records if r.name == "waitress"] == []
 
     def test_without_expect_the_server_stops_reading_after_a_few_mib(
         self, gateway, grant, tmp_path
