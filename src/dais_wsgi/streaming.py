@@ -312,8 +312,18 @@ class KeepAliveTask(WSGITask):  # type: ignore[misc]
     _bodiless_keep = False
 
     def build_response_header(self) -> bytes:
-        """Build the header; a 1xx, 204 or 304 on HTTP/1.1 keeps the connection."""
-        if _asks_to_close(self.request.headers.get("CONNECTION", "")):
+        """Build the header; a 1xx, 204 or 304 on HTTP/1.1 keeps the connection.
+
+        An answer given while the request's body is still coming (a refusal
+        on the headers) closes the connection, and says so: the rest of the
+        body is not read, only drained for a moment (see
+        :meth:`StreamingChannel.service`), and a client that took the
+        connection as kept would send its next request into the close.
+        """
+        request = self.request
+        if getattr(request, "pipe", None) is not None and not request.completed:
+            self.set_close_on_finish()
+        if _asks_to_close(request.headers.get("CONNECTION", "")):
             # waitress closes for "close" alone; RFC 9112, section 9.6, for
             # a "close" option anywhere in the list ("close, x-trace").
             self.set_close_on_finish()

@@ -121,6 +121,29 @@ def read_status(sock: socket.socket) -> int:
     return int(data.split()[1]) if data.startswith(b"HTTP/1.1") else 0
 
 
+def read_answer(sock: socket.socket) -> bytes:
+    """Read one answer with a Content-Length, whole; return its head."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"the connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        assert chunk, "the connection closed inside the body"
+        body += chunk
+    return head + b"\r\n"
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closes the connection, sending nothing more."""
+    with contextlib.suppress(ConnectionResetError):
+        return sock.recv(4096) == b""
+    return True
+
+
 class TestEarlyRefusal:
     """Requests refused on their headers are not read."""
 
@@ -147,6 +170,39 @@ class TestEarlyRefusal:
                 assert curl_upload(url, grant[1], source)[0] == 401
             time.sleep(0.3)  # the server closes after the client has its answer
         assert [r.getMessage() for r in caplog.records if r.name == "waitress"] == []
+
+    @pytest.mark.parametrize("path", ["webhook", "upload"])
+    def test_a_refusal_before_the_body_says_it_closes(self, gateway, path):
+        """A 401 sent while the body is still coming carries Connection: close."""
+        target = {
+            "webhook": "/project-gateway/webhooks/p1/lineage-version/1/svc/api/x",
+            "upload": "/integration/v1/resources/big/x",
+        }[path]
+        with connect(gateway) as sock:
+            sock.sendall(
+                f"POST {target} HTTP/1.1\r\nHost: x\r\n"
+                "Authorization: Bearer dais_0000000000000000_bad\r\n"
+                "Content-Length: 2\r\n\r\n".encode()
+            )
+            head = read_answer(sock)
+            sock.sendall(b"hi")
+            assert head.startswith(b"HTTP/1.1 401 ")
+            assert b"\r\nConnection: close\r\n" in head
+            assert closed_by_server(sock)
+
+    def test_a_refusal_after_the_whole_body_keeps_the_connection(self, gateway):
+        """A small body sent with its headers is read whole; the next call follows."""
+        with connect(gateway) as sock:
+            sock.sendall(
+                b"POST /integration/v1/resources/big/x HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer dais_0000000000000000_bad\r\n"
+                b"Content-Length: 2\r\n\r\nhi"
+            )
+            head = read_answer(sock)
+            assert head.startswith(b"HTTP/1.1 401 ")
+            assert b"Connection: close" not in head
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
 
     def test_without_expect_the_server_stops_reading_after_a_few_mib(
         self, gateway, grant, tmp_path
