@@ -16,17 +16,23 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 import attrs
 
 from dais_core.errors import InvalidData, InvalidResourceId, InvalidRoute
+from dais_core.values import KeyRequest
 
 __all__ = [
     "MAX_ROUTE_LENGTH",
     "Location",
     "MAX_LINEAGE_VERSION",
     "MAX_TIME",
+    "MAX_BUSINESS_CASE",
+    "MAX_DETAIL",
+    "MAX_LABEL",
+    "check_key_details",
     "check_lineage_version",
     "check_methods",
     "check_name",
     "check_served",
     "check_service_url",
+    "check_text",
     "check_time",
     "is_under",
     "normalise_prefix",
@@ -44,6 +50,26 @@ MAX_LINEAGE_VERSION = 2**31 - 1
 MAX_TIME = 253370764800.0
 MAX_RESOURCE_ID_LENGTH = 1024
 MAX_SEGMENT_BYTES = 255
+#: The longest label of a key or an admin token, in characters.
+MAX_LABEL = 200
+#: The longest requestor, approver, case code or app id, in characters.
+MAX_DETAIL = 254
+#: The longest business case, in characters (line breaks allowed).
+MAX_BUSINESS_CASE = 4000
+#: The most app ids one key may name.
+MAX_APP_IDS = 64
+
+# C0 and C1 control characters, DEL, and the bidirectional overrides and
+# isolates: they could rewrite a terminal that lists keys, or make a page
+# show text in another order than it is stored.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# The same, but for tabs and line breaks.
+_CONTROL_BUT_LINES = re.compile(
+    r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
+)
+# Halves of UTF-16 pairs (a JSON "\\ud800", an undecodable argument): no
+# store can encode them.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 # RFC 3986 pchar, less ";" (path parameters are refused), as a raw segment.
 _RAW_SEGMENT = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,=:@]|%[0-9A-Fa-f]{2})+")
@@ -73,6 +99,47 @@ def check_name(value: str, what: str) -> str:
             "starting with a letter or digit"
         )
     return value
+
+
+def check_text(value: str, what: str, limit: int, *, lines: bool = False) -> str:
+    """Return ``value`` if it is free text an admin may store.
+
+    Args:
+        value: The text.
+        what: What it is, for the error message.
+        limit: The most characters allowed.
+        lines: Allow tabs and line breaks.
+
+    Raises:
+        InvalidData: Longer than ``limit``, or holding control characters.
+    """
+    if len(value) > limit:
+        raise InvalidData(f"{what} is longer than {limit} characters")
+    if (_CONTROL_BUT_LINES if lines else _CONTROL).search(value):
+        raise InvalidData(f"{what} holds control characters")
+    if _SURROGATE.search(value):
+        raise InvalidData(f"{what} is not valid Unicode text")
+    return value
+
+
+def check_key_details(label: str, request: KeyRequest) -> None:
+    """Check a key's label and the record of who asked for it and why.
+
+    Raises:
+        InvalidData: A field too long or holding control characters, or too
+            many app ids.
+    """
+    check_text(label, "the label", MAX_LABEL)
+    check_text(request.requestor, "the requestor", MAX_DETAIL)
+    check_text(request.approver, "the approver", MAX_DETAIL)
+    check_text(request.case_code, "the case code", MAX_DETAIL)
+    check_text(
+        request.business_case, "the business case", MAX_BUSINESS_CASE, lines=True
+    )
+    if len(request.app_ids) > MAX_APP_IDS:
+        raise InvalidData(f"a key names at most {MAX_APP_IDS} app ids")
+    for app_id in request.app_ids:
+        check_text(app_id, "an app id", MAX_DETAIL)
 
 
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")

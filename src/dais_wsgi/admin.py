@@ -27,12 +27,15 @@ from dais_core.admin import (
 from dais_core.errors import InvalidData, NotFound
 from dais_core.keys import ADMIN_PREFIX, new_key
 from dais_core.rules import (
+    MAX_LABEL,
+    check_key_details,
     check_lineage_version,
     check_methods,
     check_name,
     check_resource_id,
     check_served,
     check_service_url,
+    check_text,
     check_time,
     normalise_prefix,
 )
@@ -46,6 +49,7 @@ from dais_core.values import (
     ServiceEndpoint,
 )
 from dais_wsgi.area import ApiKeysPage, Login, Logout, presented_admin
+from dais_wsgi.bodies import read_media
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.present import audit_json, credential_json, iso, parse_iso
 
@@ -70,6 +74,16 @@ def _strict(kind: type[Any]) -> Callable[[Any, type[Any]], Any]:
 
 for _kind in (str, bool, int, float):
     _converter.register_structure_hook(_kind, _strict(_kind))
+
+
+def _strict_list(value: Any, _: type[Any]) -> list[str]:
+    # cattrs would read the string "abc" as the list ["a", "b", "c"].
+    if not isinstance(value, list):
+        raise TypeError(f"expected list, got {type(value).__name__}")
+    return [_converter.structure(item, str) for item in value]
+
+
+_converter.register_structure_hook_func(lambda t: t == list[str], _strict_list)
 
 
 @attrs.frozen
@@ -148,12 +162,9 @@ class AdminCreation:
 
 
 def _body(req: falcon.Request, cls: type[Any]) -> Any:
-    try:
-        media = req.get_media()
-    except falcon.MediaNotFoundError:
+    media = read_media(req, (falcon.MEDIA_JSON,))
+    if media is None:
         media = {}
-    except falcon.MediaMalformedError as exc:
-        raise InvalidData("the body is not valid JSON") from exc
     if not isinstance(media, dict):
         raise InvalidData("the body must be a JSON object")
     try:
@@ -250,6 +261,7 @@ class Keys(_AdminResource):
             body.lighthouse,
             body.business_case,
         )
+        check_key_details(body.label, request)
         key = ApiKey(
             made.id,
             made.secret_hash,
@@ -457,6 +469,7 @@ def make_admin(
     store: Any, role: Role, project: str | None, label: str, now: float
 ) -> dict[str, str]:
     """Create an admin token; return its id and the token (shown once)."""
+    check_text(label, "the label", MAX_LABEL)
     if role is Role.PROJECT:
         check_name(project or "", "project")
     else:

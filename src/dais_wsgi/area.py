@@ -25,6 +25,7 @@ from dais_core.admin import (
 )
 from dais_core.errors import Forbidden, InvalidData, Unauthenticated
 from dais_core.keys import SESSION_PREFIX, new_key
+from dais_wsgi.bodies import read_media
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.present import credential_json, iso
 
@@ -89,7 +90,7 @@ class Login:
         this host) is refused, so no page elsewhere can log a visitor in.
         """
         _same_origin(req)
-        form = req.get_media()
+        form = read_media(req, (falcon.MEDIA_URLENCODED, falcon.MEDIA_JSON))
         if not isinstance(form, dict):
             raise InvalidData("send the login form")
         token = str(form.get("token", "")).strip()

@@ -26,6 +26,7 @@ from dais_core.errors import DaisError, InvalidData, NotFound
 from dais_core.keys import new_key
 from dais_core.policies import RatePolicy
 from dais_core.rules import (
+    check_key_details,
     check_lineage_version,
     check_methods,
     check_name,
@@ -142,6 +143,7 @@ def _keys_create(args: argparse.Namespace) -> int:
         lighthouse=args.lighthouse,
         business_case=args.business_case,
     )
+    check_key_details(args.label, request)
     key = ApiKey(
         made.id, made.secret_hash, args.project, args.label, request, now, expires
     )

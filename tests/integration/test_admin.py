@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from typing import Any
 
@@ -114,6 +115,36 @@ def area_page(
     )
 
 
+def send_in_pieces(
+    gateway: Gateway, method: str, path: str, head: dict[str, str], *pieces: bytes
+) -> tuple[int, dict[str, Any]]:
+    """Send the head, then each piece of the body 0.2 s apart; return the answer.
+
+    So the body arrives after its head, in several reads, as from a client
+    that streams its body.
+    """
+    port = int(gateway.url.rsplit(":", 1)[1])
+    lines = "".join(f"{name}: {value}\r\n" for name, value in head.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode())
+        for piece in pieces:
+            time.sleep(0.2)
+            sock.sendall(piece)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status = int(answer.split()[1])
+    return status, json.loads(answer.partition(b"\r\n\r\n")[2] or b"{}")
+
+
+def chunked(*parts: bytes) -> list[bytes]:
+    """The pieces of a chunked body carrying ``parts``, then its end."""
+    return [b"%x\r\n%s\r\n" % (len(part), part) for part in parts] + [b"0\r\n\r\n"]
+
+
 def upload(gateway: Gateway, token: str, resource: str = "x") -> int:
     http = urllib3.PoolManager(retries=False)
     return int(
@@ -196,6 +227,47 @@ class TestKeyLifecycle:
         assert shown["grants"] == [
             {"resource": "x", "locations": ["filemanager://p1/x"], "type": "binary"}
         ]
+
+    def test_a_rotation_body_streamed_late_still_counts(self, platform, gateway):
+        """A chunked body sent after its head is read whole: no default applies."""
+        created = create_key(platform)
+        platform.call(
+            "POST",
+            f"/admin/v1/keys/{created['id']}/grants",
+            {"resource": "x", "locations": ["filemanager://p1/x"]},
+        )
+        assert upload(gateway, created["key"]) == 200
+        auth = {"Authorization": f"Bearer {platform.token}"}
+        status, rotated = send_in_pieces(
+            gateway,
+            "POST",
+            f"/admin/v1/keys/{created['id']}/rotate",
+            auth | {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+            *chunked(b'{"overlap_', b'seconds": 0}'),
+        )
+        assert status == 201, rotated
+        time.sleep(1.1)  # one upload a second per key
+        assert upload(gateway, created["key"]) == 401
+        assert upload(gateway, rotated["key"]) == 200
+
+    def test_a_body_in_several_reads_is_read_whole(self, platform, gateway):
+        """A Content-Length body that arrives in pieces is parsed once it is in."""
+        body = json.dumps({"project": "p1", "label": "late"}).encode()
+        status, made = send_in_pieces(
+            gateway,
+            "POST",
+            "/admin/v1/keys",
+            {
+                "Authorization": f"Bearer {platform.token}",
+                "Content-Type": "application/json",
+                "Content-Length": str(len(body)),
+            },
+            body[:10],
+            body[10:],
+        )
+        assert status == 201, made
+        shown = platform.call("GET", f"/admin/v1/keys/{made['id']}").json()
+        assert shown["label"] == "late"
 
     def test_expiry_and_removal(self, platform, gateway):
         """A past expiry refuses the key; removed grants and permissions are gone."""
@@ -284,6 +356,82 @@ class TestRefusals:
         response = platform.call("POST", "/admin/v1/keys", body)
         assert response.status == 400
         assert response.json()["error"] == "invalid_data"
+
+    @pytest.mark.parametrize(
+        ("raw", "said"),
+        [
+            ('{"project": "p1", "label": "%s"}' % ("n" * 201), "longer than 200"),
+            ('{"project": "p1", "label": "\\u001b[2J"}', "control characters"),
+            ('{"project": "p1", "label": "\\ud800"}', "lone UTF-16 surrogate"),
+            ('{"project": "p1", "app_ids": "p1p2"}', "expected list"),
+        ],
+        ids=["long-label", "escape", "lone-surrogate", "app-ids-string"],
+    )
+    def test_key_metadata_is_checked(self, platform, raw, said):
+        """Overlong or unprintable metadata, or a mistyped list, is a 400."""
+        response = platform.http.request(
+            "POST",
+            platform.gateway.url + "/admin/v1/keys",
+            body=raw.encode(),
+            headers={
+                "Authorization": f"Bearer {platform.token}",
+                "Content-Type": "application/json",
+            },
+        )
+        assert response.status == 400, response.data
+        assert said in response.json()["message"]
+        assert platform.call("GET", "/admin/v1/keys").json()["keys"] == []
+
+    def test_an_admin_label_is_checked(self, platform):
+        """A project admin's label follows the same rule as a key's."""
+        made = platform.call(
+            "POST", "/admin/v1/admins", {"project": "p1", "label": "a\u202eb"}
+        )
+        assert made.status == 400
+        assert "control characters" in made.json()["message"]
+
+    def test_a_form_body_is_415(self, platform):
+        """The admin API takes JSON only: no form a browser may post cross-site."""
+        response = platform.http.request(
+            "POST",
+            platform.gateway.url + "/admin/v1/keys",
+            fields={"project": "p1", "label": "form"},
+            encode_multipart=False,
+            headers={"Authorization": f"Bearer {platform.token}"},
+        )
+        assert response.status == 415
+        assert platform.call("GET", "/admin/v1/keys").json()["keys"] == []
+
+    def test_a_body_over_a_mib_is_413(self, platform, gateway):
+        """An admin body is small; a larger one is refused, even without a length."""
+        big = b'{"project": "p1", "label": "' + b"n" * (1024 * 1024) + b'"}'
+        status, answer = send_in_pieces(
+            gateway,
+            "POST",
+            "/admin/v1/keys",
+            {
+                "Authorization": f"Bearer {platform.token}",
+                "Content-Type": "application/json",
+                "Transfer-Encoding": "chunked",
+            },
+            *chunked(big[:600_000], big[600_000:]),
+        )
+        assert status == 413
+        assert answer["error"] == "too_large"
+
+    def test_a_lone_surrogate_anywhere_is_400(self, platform):
+        """Text no store can encode is refused at the door, not as a 500."""
+        response = platform.http.request(
+            "POST",
+            platform.gateway.url + "/admin/v1/explain",
+            body=b'{"key_id": "\\ud800", "method": "GET", "url": "/x"}',
+            headers={
+                "Authorization": f"Bearer {platform.token}",
+                "Content-Type": "application/json",
+            },
+        )
+        assert response.status == 400
+        assert "surrogate" in response.json()["message"]
 
     def test_no_token_or_an_api_key_is_401(self, gateway, platform):
         """Only admin tokens open the admin API."""
@@ -405,6 +553,24 @@ class TestProjectArea:
         page = area_page(gateway, f"dais_admin={lead.token}", "application/json")
         assert page.status == 401
         assert lead.token not in page.data.decode()
+
+    def test_a_login_form_in_several_reads_logs_in(self, gateway):
+        """The form is read whole even when it arrives after its head."""
+        lead = project_admin(gateway, "p1")
+        form = f"token={lead.token}&next=/app/login".encode()
+        port = int(gateway.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /app/login HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(form)
+            )
+            for piece in (form[:20], form[20:]):
+                time.sleep(0.2)
+                sock.sendall(piece)
+            head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 303 "), head[:200]
+        assert b"Set-Cookie: dais_admin=daisses_" in head
 
     def test_a_browser_without_a_session_is_sent_to_login(self, gateway):
         """No cookie: a redirect to the login form, not an error page."""

@@ -179,6 +179,23 @@ class TestAdminCommands:
         assert "created a new, empty key store" in first.stderr
         assert "created a new" not in again.stderr
 
+    @pytest.mark.parametrize(
+        ("label", "said"),
+        [
+            ("\x1b]0;owned\x07", "control characters"),
+            (os.fsdecode(b"\xff\xfe"), "not valid Unicode"),
+            ("n" * 201, "longer than 200"),
+        ],
+        ids=["terminal-escape", "undecodable", "too-long"],
+    )
+    def test_a_key_label_is_checked(self, tmp_path, label, said):
+        """A label that could rewrite the terminal listing it is refused in one line."""
+        message = refused(
+            tmp_path / "home", "keys", "create", "--project", "p1", "--label", label
+        )
+        assert said in message
+        assert "Traceback" not in message
+
     def test_a_location_no_storage_serves_is_refused(self, tmp_path):
         """A grant to ``foo://`` would fail every upload: it is refused at once."""
         home = tmp_path / "home"

@@ -15,14 +15,18 @@ from hypothesis import strategies as st
 from dais_core import rules
 from dais_core.errors import InvalidData, InvalidResourceId, InvalidRoute
 from dais_core.rules import (
+    MAX_BUSINESS_CASE,
+    MAX_LABEL,
     MAX_ROUTE_LENGTH,
     Location,
+    check_key_details,
     check_lineage_version,
     check_methods,
     check_name,
     check_resource_id,
     check_served,
     check_service_url,
+    check_text,
     check_time,
     is_under,
     normalise_prefix,
@@ -30,6 +34,7 @@ from dais_core.rules import (
     parse_location,
     resource_id_from_target,
 )
+from dais_core.values import KeyRequest
 from tests import strategies
 
 _SMUGGLED = re.compile(r"%2f|%5c|%25|%00", re.IGNORECASE)
@@ -498,6 +503,52 @@ class TestAdminInputs:
         assert check_service_url("https://svc.internal:8443/base/") == (
             "https://svc.internal:8443/base"
         )
+
+    def test_key_details_within_their_limits_pass(self):
+        """Unicode text up to each limit passes; a business case may have lines."""
+        request = KeyRequest(
+            "al\u00efce@example.org",
+            "bob",
+            ("app-1",) * 64,
+            "C-9",
+            True,
+            "Nightly exports\r\nfor the \u65e5\u672c team.\t" + "x" * 3900,
+        )
+        check_key_details("n" * MAX_LABEL, request)
+
+    @pytest.mark.parametrize(
+        ("field", "value", "said"),
+        [
+            ("label", "n" * (MAX_LABEL + 1), "longer than 200"),
+            ("label", "red\x1b[31m", "control characters"),
+            ("label", "evil\u202etxt.exe", "control characters"),
+            ("label", "half \ud800 pair", "not valid Unicode"),
+            ("requestor", "a\nb", "control characters"),
+            ("business_case", "x" * (MAX_BUSINESS_CASE + 1), "longer than 4000"),
+            ("business_case", "nul \x00 inside", "control characters"),
+            ("app_ids", ("a",) * 65, "at most 64 app ids"),
+            ("app_ids", ("ok", "bad\x07"), "control characters"),
+        ],
+    )
+    def test_key_details_out_of_bounds_are_refused(self, field, value, said):
+        """Overlong text, control characters, lone surrogates, too many ids: 400."""
+        fields = {"label": "ok", "requestor": "", "business_case": "", "app_ids": ()}
+        fields[field] = value
+        request = KeyRequest(
+            fields["requestor"],
+            "",
+            fields["app_ids"],
+            "",
+            False,
+            fields["business_case"],
+        )
+        with pytest.raises(InvalidData, match=said):
+            check_key_details(fields["label"], request)
+
+    def test_text_names_what_it_checked(self):
+        """The message says which field failed."""
+        with pytest.raises(InvalidData, match=r"^the case code is longer than 3"):
+            check_text("abcd", "the case code", 3)
 
     @pytest.mark.parametrize("value", [-1.0, 1e300, float("inf"), float("nan")])
     def test_times_outside_1970_to_9998_are_refused(self, value):

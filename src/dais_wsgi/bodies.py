@@ -1,0 +1,86 @@
+"""Small request bodies (admin API, login form), read whole before parsing.
+
+Bodies reach the application as they arrive (:mod:`dais_wsgi.streaming`):
+one ``read()`` may return only the part already received, and a chunked
+body has no length for Falcon to go by. The admin API and the login form
+take small documents, so they read the body to its end first, within
+:data:`MAX_SMALL_BODY`, and then parse it with Falcon's handler for its
+media type.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import falcon
+
+from dais_core.errors import InvalidData, TooLarge, UnsupportedType
+
+__all__ = ["MAX_SMALL_BODY", "read_media"]
+
+#: The largest admin API or login body, in bytes.
+MAX_SMALL_BODY = 1024 * 1024
+_BLOCK = 64 * 1024
+
+
+def whole_body(req: falcon.Request, limit: int = MAX_SMALL_BODY) -> bytes:
+    """Read the body to its end, however many reads it takes to arrive.
+
+    Raises:
+        TooLarge: It is, or announces itself, over ``limit`` bytes.
+    """
+    length = req.content_length
+    if length is not None and length > limit:
+        raise TooLarge(f"the body is over the limit of {limit} bytes")
+    blocks = []
+    total = 0
+    while block := req.stream.read(_BLOCK):
+        total += len(block)
+        if total > limit:
+            raise TooLarge(f"the body is over the limit of {limit} bytes")
+        blocks.append(block)
+    return b"".join(blocks)
+
+
+def read_media(req: falcon.Request, accepted: tuple[str, ...]) -> Any:
+    """Read the whole body and parse it; ``None`` when there is none.
+
+    Args:
+        req: The request.
+        accepted: The media types taken, each with a handler in the app.
+
+    Raises:
+        UnsupportedType: A body of another media type.
+        InvalidData: A body its handler cannot parse, or JSON holding a
+            lone UTF-16 surrogate (no store could keep it).
+        TooLarge: Over :data:`MAX_SMALL_BODY`.
+    """
+    data = whole_body(req)
+    if not data.strip():
+        return None
+    media_type = (req.content_type or "").partition(";")[0].strip().lower()
+    if media_type not in accepted:
+        raise UnsupportedType(f"send the body as {' or '.join(accepted)}")
+    handler = req.options.media_handlers[media_type]
+    try:
+        media = handler.deserialize(io.BytesIO(data), req.content_type, len(data))
+    except falcon.MediaMalformedError as exc:
+        raise InvalidData(f"the body is not valid {media_type}") from exc
+    if _has_surrogate(media):
+        raise InvalidData("the body holds a lone UTF-16 surrogate")
+    return media
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(item) for item in value)
+    return False
