@@ -18,6 +18,7 @@ __all__ = [
     "relayable_status",
     "upstream_headers",
     "upstream_url",
+    "valid_host",
     "valid_request_id",
 ]
 
@@ -53,6 +54,12 @@ _DROPPED = frozenset(
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+        "x-original-method",
+        # Path overrides: some frameworks and rewrite modules route on these
+        # instead of the request line, which is what the permission checked.
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
         # CGI-style upstreams would read it as HTTP_PROXY ("httpoxy").
         "proxy",
     }
@@ -63,6 +70,11 @@ _HOST = re.compile(
 # Prefixes of headers the gateway asserts itself (or that only a trusted
 # proxy may assert): the caller's are dropped, whatever follows the prefix.
 _OWN_PREFIXES = ("x-dais-", "dais-", "x-forwarded-")
+#: A Host field value (RFC 9112, section 3.2): an RFC 3986 host, then an
+#: optional port; empty when the target has no authority.
+_HOST_FIELD = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9\-._~!$&'()*+,;=%]{1,255})(?::[0-9]{0,5})?|"
+)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: A query a URL can carry as it is: visible ASCII but ``#``, and ``%`` only
 #: as the start of an escape of two hex digits (RFC 3986, sections 2.1, 3.4).
@@ -155,6 +167,14 @@ def relayable_status(status: int) -> int:
             "cannot be relayed"
         )
     return status
+
+
+def valid_host(value: str) -> bool:
+    """Return whether a Host header's value is a host and optional port.
+
+    Two ``Host`` lines arrive joined by ", ", which no host contains.
+    """
+    return _HOST_FIELD.fullmatch(value) is not None
 
 
 def valid_request_id(value: str | None) -> bool:

@@ -98,15 +98,18 @@ def _handle_dais_error(
     resp.media = exc.body()
     req.context.error = exc.code
     if isinstance(exc, Throttled):
-        policy_name = getattr(req.context, "rate", ("upload", None))[0]
-        req.context.metrics.throttle.labels(policy_name, "throttled").inc()
         resp.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
         if isinstance(exc.decision, Decision):
             rate: tuple[str, RatePolicy] = getattr(req.context, "rate", None) or (
-                "upload",
+                req.context.template,
                 RatePolicy(),
             )
+            policy_name = rate[0]
             _rate_headers(resp, rate[0], rate[1], exc.decision)
+        else:
+            # A cap on calls in flight at once, not a rate.
+            policy_name = f"{req.context.template}_in_flight"
+        req.context.metrics.throttle.labels(policy_name, "throttled").inc()
     if resp.status == 500:
         errors_log.warning("request %s failed: %s", req.context.request_id, exc.message)
     if req.path.startswith("/app/"):

@@ -40,6 +40,7 @@ from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.task import ErrorTask, WSGITask
 
 from dais_core.errors import DaisError, IncompleteBody, RequestTimeout, TooLarge
+from dais_core.gateway import valid_host
 
 __all__ = [
     "BodyPipe",
@@ -258,8 +259,13 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
         if self.chunked and "CONTENT_LENGTH" in self.headers:
             self.connection_close = True
             raise ParsingError("both Content-Length and Transfer-Encoding were sent")
-        if self.version == "1.1" and "HOST" not in self.headers:
-            raise ParsingError("an HTTP/1.1 request needs a Host header")
+        host = self.headers.get("HOST")
+        if host is None:
+            if self.version == "1.1":
+                raise ParsingError("an HTTP/1.1 request needs a Host header")
+        elif not valid_host(host):
+            # RFC 9112, section 3.2: also two Host lines, joined by waitress.
+            raise ParsingError("the Host header must be one host[:port]")
 
 
 _ERROR_CODES = {

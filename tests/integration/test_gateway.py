@@ -120,13 +120,13 @@ class TestForwarding:
             ("example.org:8443", "example.org:8443"),
             ("example.org", "example.org"),
             ("[::1]:19080", "[::1]:19080"),
-            ("bad host", None),
+            ("odd!host", None),
         ],
     )
     def test_x_forwarded_host_is_the_host_the_caller_sent(
         self, http, gateway, upstream, caller, host, forwarded
     ):
-        """The port and an IPv6 literal's brackets stay; a malformed Host is left out."""
+        """The port and an IPv6 literal's brackets stay; an unusual Host is left out."""
         response = call(
             http,
             gateway,
@@ -530,6 +530,29 @@ class TestSmugglingAndOverrides:
         assert json.loads(body)["error"] == "invalid_data"
         assert upstream.calls == []
 
+    @pytest.mark.parametrize(
+        "host_lines",
+        [
+            b"Host: 127.0.0.1\r\nHost: elsewhere.example\r\n",
+            b"Host: a b\r\n",
+            b"Host: elsewhere.example:80@127.0.0.1\r\n",
+            b"Host: 127.0.0.1:99999999\r\n",
+        ],
+        ids=["two-hosts", "space", "userinfo", "long-port"],
+    )
+    def test_a_bad_or_second_host_is_400(self, gateway, upstream, caller, host_lines):
+        """RFC 9112, section 3.2: one Host, a host[:port], or a 400 and no call."""
+        request = (
+            b"POST /project-gateway/webhooks/p1/lineage-version/3/svc/api/webhook/x"
+            b" HTTP/1.1\r\n" + host_lines + b"Authorization: Bearer %s\r\n"
+            b"Content-Length: 0\r\n\r\n" % caller.encode()
+        )
+        answer = exchange(gateway, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ")
+        assert json.loads(body)["error"] == "invalid_data"
+        assert upstream.calls == []
+
     def test_a_refused_http_1_0_request_is_answered_in_http_1_1(self, gateway):
         """The answer names the version this server speaks, and closes."""
         answer = exchange(
@@ -574,11 +597,33 @@ class TestSmugglingAndOverrides:
             gateway,
             token,
             f"{BASE}/p1/lineage-version/1/svc/x",
-            headers={"X-HTTP-Method-Override": "DELETE", "X-Method-Override": "DELETE"},
+            headers={
+                "X-HTTP-Method-Override": "DELETE",
+                "X-Method-Override": "DELETE",
+                "X-Original-Method": "DELETE",
+            },
         )
         seen = upstream.calls[-1].headers
         assert "x-http-method-override" not in seen
         assert "x-method-override" not in seen
+        assert "x-original-method" not in seen
+
+    @pytest.mark.parametrize(
+        "name", ["X-Original-URL", "X-Rewrite-URL", "X-Original-URI"]
+    )
+    def test_path_override_headers_are_dropped(self, http, gateway, upstream, name):
+        """A key for /api/webhook cannot point the upstream's router elsewhere."""
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/api/webhook"),))
+        call(
+            http,
+            gateway,
+            token,
+            f"{BASE}/p1/lineage-version/1/svc/api/webhook",
+            headers={name: "/admin/drop-everything"},
+        )
+        assert upstream.calls[-1].target == "/api/webhook"
+        assert name.lower() not in upstream.calls[-1].headers
 
     def test_the_query_is_forwarded_as_sent(self, gateway, upstream, caller):
         """The query reaches the upstream byte for byte: nothing decoded or added."""
@@ -612,6 +657,12 @@ class TestPerKeyCap:
         assert second.status == 429
         assert second.headers["Retry-After"] == "1"
         assert "1 webhook calls in flight" in second.json()["message"]
+        metrics = pool.request("GET", f"{gateway.url}/metrics").data.decode()
+        assert (
+            'dais_throttle_decisions_total{outcome="throttled",'
+            'policy="gateway_in_flight"} 1.0'
+        ) in metrics
+        assert 'policy="upload"' not in metrics
 
 
 class TestForwardingHeaders:
