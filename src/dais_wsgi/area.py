@@ -137,7 +137,11 @@ class Logout:
         self.runtime = runtime
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """End the session the cookie names, if it is still valid; drop it."""
+        """End the session the cookie names, if it is still valid; drop it.
+
+        Like the login, a post from another site's page is refused.
+        """
+        _same_origin(req, "the logout")
         values = req.get_cookie_values(COOKIE)
         store = self.runtime.admin
         now = self.runtime.clock()
@@ -155,25 +159,34 @@ class Logout:
         resp.set_header("Location", "/app/login")
 
 
-def _same_origin(req: falcon.Request) -> None:
+def _same_origin(req: falcon.Request, what: str = "the login form") -> None:
     """Refuse a post a browser says came from another site's page.
 
     ``Origin`` decides when sent; without it, ``Sec-Fetch-Site`` (anything
     but ``same-origin`` or ``none``, a request the user made) and then the
-    ``Referer``'s host. A client that is no browser sends none of them.
+    ``Referer``. Either names this host, with ``http`` or ``https``, and
+    only ``https`` when this server is reached over HTTPS itself (behind a
+    proxy that ends TLS it cannot tell, and takes either). A client that is
+    no browser sends none of them.
     """
-    host = req.get_header("Host")
+    refused = Forbidden(f"{what} was posted from another site")
     origin = req.get_header("Origin")
     if origin is not None:
-        if urlsplit(origin).netloc != host:
-            raise Forbidden("the login form was posted from another site")
+        if not _this_site(req, origin):
+            raise refused
         return
     site = req.get_header("Sec-Fetch-Site")
     if site is not None and site.strip().lower() not in {"same-origin", "none"}:
-        raise Forbidden("the login form was posted from another site")
+        raise refused
     referer = req.get_header("Referer")
-    if referer is not None and urlsplit(referer).netloc != host:
-        raise Forbidden("the login form was posted from another site")
+    if referer is not None and not _this_site(req, referer):
+        raise refused
+
+
+def _this_site(req: falcon.Request, url: str) -> bool:
+    parts = urlsplit(url)
+    allowed = {"https"} if req.scheme == "https" else {"http", "https"}
+    return parts.scheme in allowed and parts.netloc == req.get_header("Host")
 
 
 def _form(resp: falcon.Response, target: str, problem: str) -> None:

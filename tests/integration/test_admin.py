@@ -636,6 +636,32 @@ class TestProjectArea:
         assert login.status == 403
         assert "Set-Cookie" not in login.headers
 
+    @pytest.mark.parametrize("scheme", ["evil", "file", "ftp"])
+    def test_a_login_from_another_scheme_on_this_host_is_refused(self, gateway, scheme):
+        """Only an http or https page of this host may post the form."""
+        netloc = gateway.url.split("://", 1)[1]
+        login = lead_logs_in(gateway, {"Origin": f"{scheme}://{netloc}"})
+        assert login.status == 403
+
+    def test_an_https_page_of_this_host_may_log_in(self, gateway):
+        """Behind a proxy that ends TLS, the page is https and the server http."""
+        netloc = gateway.url.split("://", 1)[1]
+        login = lead_logs_in(gateway, {"Origin": f"https://{netloc}"})
+        assert login.status == 303
+
+    def test_a_logout_posted_from_another_site_is_refused(self, gateway):
+        """No page elsewhere can end an admin's session."""
+        session = session_of(gateway, project_admin(gateway, "p1"))
+        out = urllib3.PoolManager(retries=False).request(
+            "POST",
+            f"{gateway.url}/app/logout",
+            headers={"Cookie": session, "Origin": "http://elsewhere.example"},
+            redirect=False,
+        )
+        assert out.status == 403
+        assert "Set-Cookie" not in out.headers
+        assert area_page(gateway, session).status == 200
+
     @pytest.mark.parametrize(
         "headers",
         [{}, {"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}],
