@@ -107,6 +107,8 @@ class RawUpstream:
             whole and the connection closed without an answer (``None``
             answers them all).
         late: Bytes sent 0.1 s after each answer, on the open connection.
+        pace: Seconds between the answer's bytes, sent one at a time (0 sends
+            it at once).
     """
 
     def __init__(
@@ -115,8 +117,10 @@ class RawUpstream:
         close_after: float | None = None,
         answers: int | None = None,
         late: bytes = b"",
+        pace: float = 0.0,
     ) -> None:
         self.answer = answer
+        self.pace = pace
         self.close_after = close_after
         self.answers = answers
         self.late = late
@@ -146,6 +150,16 @@ class RawUpstream:
         with contextlib.suppress(ConnectionError):
             self._converse(conn)
 
+    def _send(self, conn: socket.socket) -> None:
+        if not self.pace:
+            conn.sendall(self.answer)
+            return
+        for byte in self.answer:
+            if self._stopping.is_set():
+                return
+            conn.sendall(bytes([byte]))
+            time.sleep(self.pace)
+
     def _converse(self, conn: socket.socket) -> None:
         conn.settimeout(5)
         buffered = b""
@@ -170,7 +184,7 @@ class RawUpstream:
                 if self.answers is not None and answered == self.answers:
                     return
                 answered += 1
-                conn.sendall(self.answer)
+                self._send(conn)
                 if self.late:
                     time.sleep(0.1)
                     conn.sendall(self.late)

@@ -3,15 +3,27 @@
 Bodies are streamed: urllib3 reads the caller's body in blocks and sends them
 as they come. The upstream's answer is drained and dropped, since the caller
 gets only the status.
+
+urllib3's read timeout bounds each wait for a byte, not the answer: an
+upstream that sends one byte a second would hold the worker for as long as
+it likes. So each call also has a whole-call cap, as with libcurl (connect +
+read, + the body's own deadline when there is a body): a timer shuts the
+call's socket when it is up, and the call fails as a timeout. The timer is a
+thread per call, which this forwarder's cost per call can carry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
     HTTPError,
     NameResolutionError,
@@ -32,14 +44,18 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _translated() -> Iterator[None]:
+def _translated(deadline: _Deadline) -> Iterator[None]:
     try:
         yield
     except (NewConnectionError, NameResolutionError) as exc:
         raise UpstreamUnreachable("the upstream service is unreachable") from exc
-    except Urllib3Timeout as exc:
-        raise UpstreamTimeout("the upstream service did not answer in time") from exc
     except (HTTPError, OSError) as exc:
+        if deadline.expired or isinstance(exc, Urllib3Timeout):
+            # Past the whole-call cap, the cut connection fails however it
+            # fails: it is a timeout all the same.
+            raise UpstreamTimeout(
+                "the upstream service did not answer in time"
+            ) from exc
         raise UpstreamUnreachable("the upstream service broke the connection") from exc
 
 
@@ -63,6 +79,83 @@ def _discard(response: urllib3.BaseHTTPResponse, reuse: bool) -> None:
     response.release_conn()
 
 
+#: The deadline of the call this thread is making, if any.
+_calls = threading.local()
+
+
+class _Deadline:
+    """Shut the connection of one call once its time is up."""
+
+    def __init__(self, seconds: float) -> None:
+        self._lock = threading.Lock()
+        self._connection: HTTPConnection | None = None
+        self._finished = False
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _calls.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._finished = True
+        _calls.deadline = None
+
+    def watch(self, connection: HTTPConnection) -> None:
+        """Note the connection the call goes on (from the call's thread)."""
+        with self._lock:
+            self._connection = connection
+            expired = self.expired
+        if expired:
+            _cut(connection)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self.expired = True
+            connection = self._connection
+        if connection is not None:
+            _cut(connection)
+
+
+def _cut(connection: HTTPConnection) -> None:
+    # Shutting (not closing) the socket wakes the call's blocked read, in its
+    # own thread, which then fails and discards the connection.
+    sock = connection.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        deadline = getattr(_calls, "deadline", None)
+        if deadline is not None:
+            deadline.watch(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        deadline = getattr(_calls, "deadline", None)
+        if deadline is not None:
+            deadline.watch(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
 class Urllib3Forwarder:
     """Forward requests through one urllib3 pool manager.
 
@@ -82,6 +175,10 @@ class Urllib3Forwarder:
                 connect=options.connect_timeout, read=options.read_timeout
             ),
         )
+        self.pool.pool_classes_by_scheme = {
+            "http": _WatchedHTTPPool,
+            "https": _WatchedHTTPSPool,
+        }
 
     def forward(self, request: ForwardRequest) -> int:
         """Send ``request`` upstream and return the status.
@@ -96,7 +193,10 @@ class Urllib3Forwarder:
         chunked = request.body is not None and request.content_length is None
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
-        with _translated():
+        limit = self.options.connect_timeout + self.options.read_timeout
+        if request.body is not None:
+            limit += self.options.body_timeout
+        with _Deadline(limit) as deadline, _translated(deadline):
             # Straight to the host's pool: the manager's own urlopen would
             # parse the URL again and handle redirects we never follow.
             url = parse_url(request.url)

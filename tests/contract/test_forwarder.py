@@ -399,6 +399,23 @@ class TestConnections:
             send(make(read_timeout=1.0), upstream.url + "/x", body=body)
         assert time.monotonic() - started < delay - 0.1
 
+    @pytest.mark.parametrize("body", [None, b"hi"], ids=["no-body", "body"])
+    def test_an_answer_dripped_byte_by_byte_is_cut_at_the_whole_call_cap(
+        self, make, body
+    ):
+        """A head that never stalls a second still cannot hold a worker for long."""
+        # 38 bytes, one each 0.4 s: no read waits a second, the whole takes 15 s.
+        raw = RawUpstream(OK, pace=0.4)
+        try:
+            forwarder = make(connect_timeout=1.0, read_timeout=1.0, body_timeout=1.0)
+            started = time.monotonic()
+            with pytest.raises(UpstreamTimeout):
+                send(forwarder, raw.url + "/x", body=body)
+            # The cap is connect + read (+ body): 2 or 3 s, with slack.
+            assert time.monotonic() - started < 5.0
+        finally:
+            raw.close()
+
     def test_a_caller_pausing_mid_body_is_not_an_upstream_stall(self, make, upstream):
         """Waiting for the caller's body does not count against the upstream."""
         request = ForwardRequest("POST", upstream.url + "/x", (), _Pausing(1.5), None)
