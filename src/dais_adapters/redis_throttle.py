@@ -61,6 +61,7 @@ and the hook says what to install when a Redis URL is configured.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import Final, Literal, cast
@@ -266,8 +267,18 @@ def from_url(url: str) -> RedisThrottleState:
     return RedisThrottleState(client, on_error=on_error)
 
 
+#: The path of a Redis URL: none, or the database number.
+_DATABASE = re.compile(r"/?|/[0-9]{1,5}")
+
+
 def _split_on_error(url: str) -> tuple[str, OnError]:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parsed on access: a bad port raises here)
+    except ValueError as exc:
+        raise InvalidData(f"malformed Redis throttle URL: {exc}") from exc
+    if not _DATABASE.fullmatch(parts.path):
+        raise InvalidData("a Redis throttle URL names its database as /N, N a number")
     query = parse_qsl(parts.query, keep_blank_values=True)
     chosen = [value for name, value in query if name == _ON_ERROR]
     if len(chosen) > 1 or not set(chosen) <= {"open", "closed"}:
@@ -281,6 +292,7 @@ def _split_on_error(url: str) -> tuple[str, OnError]:
 @hookimpl
 def dais_throttle_state(url: str) -> RedisThrottleState | None:
     """Serve ``redis://`` and ``rediss://`` throttle state."""
-    if urlsplit(url).scheme.lower() not in _SCHEMES:
+    # A URL too malformed to split (``redis://[::1/0``) is still ours to refuse.
+    if url.partition(":")[0].lower() not in _SCHEMES:
         return None
     return from_url(url)

@@ -105,7 +105,12 @@ class SqliteStore(SqlStore):
         self.path = path
         self._local = threading.local()
         created = not path.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise Unavailable(
+                f"cannot make the key store's folder {path.parent}: {exc.strerror}"
+            ) from exc
         self._migrate()
         if created:
             # A mistyped store URL would otherwise pass for a store with no keys.

@@ -359,11 +359,31 @@ class TestSettingsChecked:
             ("--request-timeout", "0", "'request_timeout' must be seconds above 0"),
             ("--request-timeout", "nan", "'request_timeout' must be seconds above 0"),
             ("--host", "999.1.1.1", "cannot listen on 999.1.1.1"),
+            ("--throttle", "redis://[::1/0", "malformed Redis throttle URL"),
+            ("--throttle", "redis://127.0.0.1:6379/abc", "database as /N"),
+            ("--throttle", "redis://127.0.0.1:99999/0", "Port out of range"),
         ],
     )
     def test_a_setting_out_of_range_is_refused(self, tmp_path, option, value, said):
         """One line naming the setting, exit status 2, no traceback."""
         message = refused(tmp_path / "home", "serve", "--port", "0", option, value)
+        assert said in message
+        assert "Traceback" not in message
+
+    @pytest.mark.parametrize(
+        ("where", "said"),
+        [
+            ("home-is-a-file", "File exists"),
+            ("under-a-file", "Not a directory"),
+        ],
+    )
+    def test_a_home_that_cannot_be_made_is_refused(self, tmp_path, where, said):
+        """A home (or store folder) that cannot be a folder: one line, exit 2."""
+        afile = tmp_path / "afile"
+        afile.write_text("not a folder")
+        home = afile if where == "home-is-a-file" else afile / "home"
+        message = refused(home, "keys", "list")
+        assert "cannot make the key store's folder" in message
         assert said in message
         assert "Traceback" not in message
 
