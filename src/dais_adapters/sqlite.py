@@ -3,7 +3,9 @@
 One file holds keys (the secret only as a hash), permissions, grants,
 services and the records of use. The store creates and migrates its schema
 itself (``PRAGMA user_version``). Each thread gets its own connection; WAL
-mode lets readers go on while one writer writes.
+mode lets readers go on while one writer writes. One store serves each file
+in a process; ``close()`` (when a gateway stops) ends the connections of
+every thread, and those of threads that have ended go as new ones open.
 """
 
 from __future__ import annotations
@@ -104,6 +106,10 @@ class SqliteStore(SqlStore):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
+        # Every connection opened, by thread, so that close() reaches them
+        # all; those of threads that have ended are closed as new ones open.
+        self._opened: dict[threading.Thread, sqlite3.Connection] = {}
+        self._opened_lock = threading.Lock()
         created = not path.exists()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +122,24 @@ class SqliteStore(SqlStore):
             # A mistyped store URL would otherwise pass for a store with no keys.
             log.info("created a new, empty key store at %s", path)
 
+    def close(self) -> None:
+        """Close every connection this store opened, whichever thread did."""
+        with self._opened_lock:
+            opened, self._opened = list(self._opened.values()), {}
+            self._local = threading.local()
+        for connection in opened:
+            with contextlib.suppress(sqlite3.Error):
+                connection.close()
+
+    def _keep(self, connection: sqlite3.Connection) -> None:
+        with self._opened_lock:
+            ended = [t for t in self._opened if not t.is_alive()]
+            left = [self._opened.pop(thread) for thread in ended]
+            self._opened[threading.current_thread()] = connection
+        for old in left:
+            with contextlib.suppress(sqlite3.Error):
+                old.close()
+
     def commit_locks(self) -> FileCommitLocks:
         """Return commit locks that hold across the processes sharing this file."""
         return FileCommitLocks(self.path.with_name(self.path.name + ".commit-lock"))
@@ -124,14 +148,19 @@ class SqliteStore(SqlStore):
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
             with _translated():
+                # Used by its own thread only; close() may end it from another.
                 connection = sqlite3.connect(
-                    self.path, timeout=10.0, isolation_level=None
+                    self.path,
+                    timeout=10.0,
+                    isolation_level=None,
+                    check_same_thread=False,
                 )
                 connection.row_factory = sqlite3.Row
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA foreign_keys=ON")
                 connection.execute("PRAGMA synchronous=NORMAL")
             self._local.connection = connection
+            self._keep(connection)
             log.debug("opened %s", self.path)
         return connection
 

@@ -97,9 +97,11 @@ class Runtime:
         if self.listener is not None:
             self.listener.stop()
         self.records.stop()
-        close = getattr(self.forwarder, "close", None)
-        if callable(close):
-            close()
+        for part in (self.forwarder, self.admin):
+            # The store last: the records just written went through it.
+            close = getattr(part, "close", None)
+            if callable(close):
+                close()
 
 
 def _commit_locks(store: Any) -> CommitLocks:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -491,3 +493,52 @@ class TestAdminSessions:
         assert store.load_session(old.id) is None
         assert store.load_session(live.id) == live
         assert store.load_session(new.id) == new
+
+
+def _open_files(path: Path) -> int:
+    """How many descriptors of this process name ``path`` (or its -wal, -shm)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+    return count
+
+
+class TestSqliteConnections:
+    """A SQLite store's connections, one per thread, end when it closes."""
+
+    def test_close_ends_the_connections_of_every_thread(self, tmp_path):
+        """Connections opened by threads still running are closed too."""
+        path = tmp_path / "keys.sqlite3"
+        store = SqliteStore(path)
+        opened, release = threading.Barrier(4), threading.Event()
+
+        def hold() -> None:
+            store.load("0000000000000000")
+            opened.wait(5)
+            release.wait(5)
+
+        threads = [threading.Thread(target=hold) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        opened.wait(5)
+        assert _open_files(path) >= 3
+        store.close()
+        assert _open_files(path) == 0
+        release.set()
+        for thread in threads:
+            thread.join(5)
+        assert store.load("0000000000000000") is None  # opens afresh
+
+    def test_a_thread_that_ended_leaves_no_connection_behind(self, tmp_path):
+        """Connections of ended threads go when the next one opens."""
+        path = tmp_path / "keys.sqlite3"
+        store = SqliteStore(path)
+        for _ in range(5):
+            worker = threading.Thread(target=store.load, args=("0" * 16,))
+            worker.start()
+            worker.join(5)
+        store.load("0" * 16)
+        # This thread's connection, and at most the last worker's.
+        assert _open_files(path) <= 2 * 3
+        store.close()

@@ -103,19 +103,17 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
         settings = Settings(home=tmp_path / f"home{len(started)}", port=0, **overrides)
         runtime = bootstrap(settings, plugin_manager(*plugins))
         runner = BackgroundServer(make_server(runtime)).start()
-        started.append((runner, runtime))
+        admin = admin_store(settings)
+        started.append((runner, runtime, admin))
         return Gateway(
-            f"http://127.0.0.1:{runner.port}",
-            settings,
-            admin_store(settings),
-            runner,
-            runtime,
+            f"http://127.0.0.1:{runner.port}", settings, admin, runner, runtime
         )
 
     yield start
-    for runner, runtime in started:
+    for runner, runtime, admin in started:
         runner.stop()
         runtime.close()
+        admin.close()
 
 
 @pytest.fixture
