@@ -133,6 +133,8 @@ def _cut(connection: HTTPConnection) -> None:
 
 
 class _WatchedHTTPConnection(HTTPConnection):
+    """A connection that tells the call's deadline it carries the call."""
+
     def request(self, *args: Any, **kwargs: Any) -> None:
         deadline = getattr(_calls, "deadline", None)
         if deadline is not None:
@@ -140,12 +142,8 @@ class _WatchedHTTPConnection(HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        deadline = getattr(_calls, "deadline", None)
-        if deadline is not None:
-            deadline.watch(self)
-        super().request(*args, **kwargs)
+class _WatchedHTTPSConnection(_WatchedHTTPConnection, HTTPSConnection):
+    pass
 
 
 class _WatchedHTTPPool(HTTPConnectionPool):
