@@ -26,6 +26,7 @@ __all__ = [
     "MAX_BUSINESS_CASE",
     "MAX_DETAIL",
     "MAX_LABEL",
+    "check_grant_locations",
     "check_key_details",
     "check_lineage_version",
     "check_methods",
@@ -442,6 +443,33 @@ def check_served(uri: str, schemes: Collection[str]) -> str:
             f"no storage serves {location.scheme}:// locations here (served: {served})"
         )
     return location.uri
+
+
+def check_grant_locations(
+    resource: str, uris: Iterable[str], schemes: Collection[str]
+) -> tuple[str, ...]:
+    """Return a grant's locations, checked and canonical, in their order.
+
+    Args:
+        resource: The grant's resource id (a prefix ends in ``/``).
+        uris: The locations asked for.
+        schemes: The schemes an installed storage serves.
+
+    Raises:
+        InvalidData: No location, one no storage serves (see
+            :func:`check_served`), one named twice (it would be written
+            twice by each upload), or a file location for a prefix grant.
+    """
+    locations = tuple(check_served(uri, schemes) for uri in uris)
+    if not locations:
+        raise InvalidData("a grant needs at least one location")
+    if len(set(locations)) < len(locations):
+        raise InvalidData("a grant names the same location twice")
+    if resource.endswith("/") and not all(uri.endswith("/") for uri in locations):
+        raise InvalidData(
+            "a prefix grant (resource ending in '/') needs folder locations"
+        )
+    return locations
 
 
 def parse_location(uri: str) -> Location:

@@ -37,7 +37,7 @@ from dais_core.ports import (
     StagedWrite,
     Storage,
 )
-from dais_core.rules import Location, is_under
+from dais_core.rules import Location, check_methods, is_under
 from dais_core.values import Credential, Permission, ServiceEndpoint
 
 __all__ = [
@@ -166,8 +166,12 @@ def explain(
         path: The raw, percent-encoded path of the call.
         query: The raw query string; ``None`` when there was no ``?``.
         registry: Where services are registered.
+
+    Raises:
+        InvalidData: The method is no HTTP method (the gateway would never
+            have received the call).
     """
-    method = method.upper()
+    (method,) = check_methods([method])
     try:
         call = parse_gateway_path(path)
     except DaisError as exc:

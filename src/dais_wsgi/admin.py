@@ -28,12 +28,12 @@ from dais_core.errors import InvalidData, NotFound
 from dais_core.keys import ADMIN_PREFIX, new_key
 from dais_core.rules import (
     MAX_LABEL,
+    check_grant_locations,
     check_key_details,
     check_lineage_version,
     check_methods,
     check_name,
     check_resource_id,
-    check_served,
     check_service_url,
     check_text,
     check_time,
@@ -373,10 +373,8 @@ class Grants(_AdminResource):
         admin = self.platform(req)
         body: GrantBody = _body(req, GrantBody)
         resource = check_resource_id(body.resource, allow_prefix=True)
-        if not body.locations:
-            raise InvalidData("a grant needs at least one location")
         schemes = self.runtime.storages.keys()
-        locations = tuple(check_served(uri, schemes) for uri in body.locations)
+        locations = check_grant_locations(resource, body.locations, schemes)
         try:
             data_type = DataType(body.type)
         except ValueError:

@@ -14,6 +14,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -25,6 +26,7 @@ from dais_core.errors import (
     DaisError,
     InvalidData,
     InvalidResourceId,
+    NotFound,
     Throttled,
     TooLarge,
     UnsupportedType,
@@ -48,6 +50,15 @@ from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.metrics import Health, Metrics, MetricsResource, Readiness
 
 __all__ = ["UPLOAD_PREFIX", "create_app"]
+
+#: Codes of Falcon's own errors (a bad query parameter, an unrouted path),
+#: the same as the domain errors' of the same status.
+_FALCON_CODES = {
+    400: InvalidData.code,
+    404: NotFound.code,
+    413: TooLarge.code,
+    415: UnsupportedType.code,
+}
 
 log = logging.getLogger("dais.access")
 errors_log = logging.getLogger("dais.errors")
@@ -120,12 +131,18 @@ def _handle_http_error(
     req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError, params: Any
 ) -> None:
     resp.status = exc.status
-    # Falcon's titles read "404 Not Found": the code is the words alone.
-    words = (exc.title or "").split(" ", 1)[-1]
-    code = words.lower().replace(" ", "_") or "http_error"
-    resp.media = {"error": code, "message": exc.description or exc.title}
+    status = exc.status_code
+    # The domain's code where the spec's table names the status; otherwise
+    # the status's name ("method_not_allowed").
+    code = _FALCON_CODES.get(status) or HTTPStatus(status).phrase.lower().replace(
+        " ", "_"
+    )
+    message = exc.description or exc.title
+    resp.media = {"error": code, "message": message}
     if exc.headers:
         resp.set_headers(exc.headers)
+    if req.path.startswith("/app/"):
+        area_error(req, resp, message)
 
 
 def _handle_unexpected(

@@ -26,12 +26,12 @@ from dais_core.errors import DaisError, InvalidData, NotFound
 from dais_core.keys import new_key
 from dais_core.policies import RatePolicy
 from dais_core.rules import (
+    check_grant_locations,
     check_key_details,
     check_lineage_version,
     check_methods,
     check_name,
     check_resource_id,
-    check_served,
     check_service_url,
     check_time,
     normalise_prefix,
@@ -189,11 +189,7 @@ def _permissions_add(args: argparse.Namespace) -> int:
 def _grants_add(args: argparse.Namespace) -> int:
     resource = check_resource_id(args.resource, allow_prefix=True)
     schemes = build_storages(_settings(args)).keys()
-    locations = tuple(check_served(uri, schemes) for uri in args.to)
-    if resource.endswith("/") and not all(uri.endswith("/") for uri in locations):
-        raise InvalidData(
-            "a prefix grant (resource ending in '/') needs folder locations"
-        )
+    locations = check_grant_locations(resource, args.to, schemes)
     grant = Grant(resource, locations, DataType(args.type))
     _store(args).add_grant(args.key_id, grant)
     print(f"{args.key_id} may publish {resource} to {', '.join(locations)}")

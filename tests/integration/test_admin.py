@@ -390,6 +390,43 @@ class TestRefusals:
         assert made.status == 400
         assert "control characters" in made.json()["message"]
 
+    @pytest.mark.parametrize(
+        ("grant", "said"),
+        [
+            (
+                {"resource": "x", "locations": ["filemanager://p1/x"] * 2},
+                "twice",
+            ),
+            (
+                {"resource": "dir/", "locations": ["filemanager://p1/file"]},
+                "needs folder locations",
+            ),
+        ],
+        ids=["twice", "file-for-prefix"],
+    )
+    def test_unusable_grant_locations_are_400(self, platform, grant, said):
+        """The API refuses what the command line refuses."""
+        created = create_key(platform)
+        added = platform.call("POST", f"/admin/v1/keys/{created['id']}/grants", grant)
+        assert added.status == 400
+        assert said in added.json()["message"]
+
+    def test_a_bad_query_parameter_is_invalid_data(self, platform):
+        """Falcon's own 400 has the same code as every other 400."""
+        response = platform.call("GET", "/admin/v1/audit?limit=lots")
+        assert response.status == 400
+        assert response.json()["error"] == "invalid_data"
+
+    def test_a_wrong_method_on_the_area_keeps_its_headers(self, gateway):
+        """A 405 of the area is named for its status and forbids caching."""
+        response = urllib3.PoolManager(retries=False).request(
+            "PUT", f"{gateway.url}/app/p1/admin/apikeys"
+        )
+        assert response.status == 405
+        assert response.json()["error"] == "method_not_allowed"
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["X-Frame-Options"] == "DENY"
+
     def test_a_form_body_is_415(self, platform):
         """The admin API takes JSON only: no form a browser may post cross-site."""
         response = platform.http.request(

@@ -19,6 +19,7 @@ from dais_core.rules import (
     MAX_LABEL,
     MAX_ROUTE_LENGTH,
     Location,
+    check_grant_locations,
     check_key_details,
     check_lineage_version,
     check_methods,
@@ -497,6 +498,27 @@ class TestAdminInputs:
         )
         with pytest.raises(InvalidData, match="served: filemanager://, s3://"):
             check_served("foo://x/w", {"s3", "filemanager"})
+
+    def test_grant_locations_come_back_canonical_in_order(self):
+        """Each location is checked and canonical; the order is kept."""
+        assert check_grant_locations(
+            "dir/x", ["s3://b/x", "FileManager://p1/x"], {"s3", "filemanager"}
+        ) == ("s3://b/x", "filemanager://p1/x")
+
+    @pytest.mark.parametrize(
+        ("resource", "uris", "said"),
+        [
+            ("x", [], "at least one location"),
+            ("x", ["filemanager://p1/x", "FILEMANAGER://p1/x"], "twice"),
+            ("dir/", ["filemanager://p1/dir/", "filemanager://p1/x"], "folder"),
+            ("x", ["foo://x/w"], "no storage serves"),
+        ],
+        ids=["none", "twice", "file-for-prefix", "unserved"],
+    )
+    def test_unusable_grant_locations_are_refused(self, resource, uris, said):
+        """No location, one named twice, a file for a prefix, or none served: 400."""
+        with pytest.raises(InvalidData, match=said):
+            check_grant_locations(resource, uris, {"filemanager"})
 
     def test_a_service_url_loses_its_trailing_slash(self):
         """The base URL is kept without a trailing slash."""

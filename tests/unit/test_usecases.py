@@ -202,6 +202,13 @@ class TestExplain:
         assert explanation.upstream == "http://svc-2:80/api/webhook/~run?a=1"
         assert explanation.considered[0].endswith(": matches")
 
+    @pytest.mark.parametrize("method", ["", "GE T", "POST\r\nX: 1"])
+    def test_a_method_no_call_could_have_is_refused(self, method):
+        """Explaining a call the gateway could never receive is a 400, not a yes."""
+        path = GATEWAY + "p1/lineage-version/latest/svc/api/webhook"
+        with pytest.raises(InvalidData, match="is not an HTTP method"):
+            explain(CREDENTIAL, method, path, None, REGISTRY)
+
     def test_a_bad_path_is_explained_as_its_400(self):
         """A path the gateway would refuse gets that status and message."""
         path = GATEWAY + "p1/lineage-version/0/svc/x"
