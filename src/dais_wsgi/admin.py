@@ -1,8 +1,9 @@
 """The admin API (``/admin/v1``) and the project admin area (``/app``).
 
-Admin tokens come as ``Authorization: Bearer daisadm_...``; a browser that
-logged in at ``/app/login`` holds a session in the ``dais_admin`` cookie
-(HttpOnly, SameSite=Strict) instead, never the token itself. Request bodies are structured with cattrs into frozen
+Admin tokens come as ``Authorization: Bearer daisadm_...``, the only
+credential ``/admin/v1`` takes. A browser that logged in at ``/app/login``
+holds a session in the ``dais_admin`` cookie (HttpOnly, SameSite=Strict)
+instead, never the token itself, and it opens the project area only. Request bodies are structured with cattrs into frozen
 attrs classes, so an unknown or mistyped field is a 400, never ignored.
 Every change is recorded in the audit log.
 """
@@ -48,7 +49,7 @@ from dais_core.values import (
     Permission,
     ServiceEndpoint,
 )
-from dais_wsgi.area import ApiKeysPage, Login, Logout, presented_admin
+from dais_wsgi.area import ApiKeysPage, Login, Logout, bearer_admin
 from dais_wsgi.bodies import read_media
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.present import audit_json, credential_json, iso, parse_iso
@@ -196,7 +197,9 @@ class _AdminResource:
         self.store = runtime.admin
 
     def admin(self, req: falcon.Request) -> AdminToken:
-        found = presented_admin(req, self.runtime)
+        # Bearer tokens only: a browser session (the area's cookie) is no
+        # credential for the platform API, so a stolen cookie mints nothing.
+        found = bearer_admin(req, self.runtime)
         req.context.key_id = f"admin:{found.id}"
         return found
 

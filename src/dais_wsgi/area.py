@@ -29,7 +29,14 @@ from dais_wsgi.bodies import read_media
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.present import credential_json, iso
 
-__all__ = ["ApiKeysPage", "Login", "Logout", "area_error", "presented_admin"]
+__all__ = [
+    "ApiKeysPage",
+    "Login",
+    "Logout",
+    "area_error",
+    "bearer_admin",
+    "presented_admin",
+]
 
 COOKIE = "dais_admin"
 _RECENT = 20
@@ -273,21 +280,30 @@ class ApiKeysPage:
         }
 
 
+def bearer_admin(req: falcon.Request, runtime: Runtime) -> AdminToken:
+    """Return the admin whose token the ``Authorization`` header carries.
+
+    Raises:
+        Unauthenticated: No bearer token, or not a valid admin token.
+    """
+    scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
+    bearer = token if scheme.lower() == "bearer" else None
+    return authenticate_admin(runtime.admin, bearer, runtime.clock())
+
+
 def presented_admin(req: falcon.Request, runtime: Runtime) -> AdminToken:
-    """Return the admin behind a request: a bearer token, or a session cookie.
+    """Return the admin behind an area request: a bearer token, or a session.
+
+    A request with an ``Authorization`` header is judged by it alone.
 
     Raises:
         Unauthenticated: Neither is valid.
     """
-    now = runtime.clock()
-    header = req.get_header("Authorization")
-    if header:
-        scheme, _, token = header.partition(" ")
-        bearer = token if scheme.lower() == "bearer" else None
-        return authenticate_admin(runtime.admin, bearer, now)
+    if req.get_header("Authorization") is not None:
+        return bearer_admin(req, runtime)
     values = req.get_cookie_values(COOKIE)
     cookie = values[0] if values else None
-    return authenticate_session(runtime.admin, cookie, now)[1]
+    return authenticate_session(runtime.admin, cookie, runtime.clock())[1]
 
 
 def _render(project: str, keys: list[dict[str, Any]]) -> str:

@@ -52,8 +52,9 @@ def read_media(req: falcon.Request, accepted: tuple[str, ...]) -> Any:
 
     Raises:
         UnsupportedType: A body of another media type.
-        InvalidData: A body its handler cannot parse, or JSON holding a
-            lone UTF-16 surrogate (no store could keep it).
+        InvalidData: A body its handler cannot parse (nested too deeply
+            included), or JSON holding a lone UTF-16 surrogate (no store
+            could keep it).
         TooLarge: Over :data:`MAX_SMALL_BODY`.
     """
     data = whole_body(req)
@@ -67,6 +68,9 @@ def read_media(req: falcon.Request, accepted: tuple[str, ...]) -> Any:
         media = handler.deserialize(io.BytesIO(data), req.content_type, len(data))
     except falcon.MediaMalformedError as exc:
         raise InvalidData(f"the body is not valid {media_type}") from exc
+    except RecursionError as exc:
+        # A megabyte of "[" is valid JSON to the parser, not to the stack.
+        raise InvalidData("the body nests too deeply") from exc
     if _has_surrogate(media):
         raise InvalidData("the body holds a lone UTF-16 surrogate")
     return media

@@ -13,7 +13,9 @@ the socket while the pipe is full; the application reads from it. ``100
 Continue`` is sent only when the application first reads the body, so a
 request refused on its headers never has its body invited. A request whose
 whole body came in the same read as its head skips the pipe: waitress
-buffers it in memory as usual. When the
+buffers it in memory as usual. Only webhook calls and uploads stream
+(:data:`STREAMED_PATHS`); the small bodies of the other endpoints are read
+whole by waitress before the request goes to a worker. When the
 application answers without reading the whole body, the connection is not
 read further: the response is flushed, the sending side shut, and what the
 client still sends is drained for a short while (bounded in bytes and time)
@@ -29,6 +31,8 @@ receivers), so ``pyproject.toml`` pins waitress to the 3.0 series and
 from __future__ import annotations
 
 import collections
+import copy
+import functools
 import json
 import socket
 import threading
@@ -41,6 +45,7 @@ from waitress.task import ErrorTask, WSGITask
 
 from dais_core.errors import DaisError, IncompleteBody, RequestTimeout, TooLarge
 from dais_core.gateway import valid_host
+from dais_wsgi.bodies import MAX_SMALL_BODY
 
 __all__ = [
     "BodyPipe",
@@ -59,6 +64,11 @@ LINGER_BYTES = 4 * 2**20
 LINGER_SECONDS = 2.0
 DEFAULT_REQUEST_TIMEOUT = 300.0
 GATEWAY_PATH = "/project-gateway/"
+#: The endpoints whose bodies stream: webhook calls and uploads. Every other
+#: body (admin API, login form) is small: waitress reads it whole, within
+#: :data:`~dais_wsgi.bodies.MAX_SMALL_BODY`, before a worker sees the
+#: request, so a client that sends its body slowly holds no worker.
+STREAMED_PATHS = (GATEWAY_PATH, "/integration/")
 
 
 class BodyPipe:
@@ -246,8 +256,10 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
     smuggled past a proxy (RFC 9112, section 6.1).
     """
 
+    adj: Any
     pipe: BodyPipe | None = None
     wants_continue = False
+    streamed = False
 
     def __init__(self, adj: Any) -> None:
         super().__init__(adj)
@@ -259,6 +271,9 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
         if self.chunked and "CONTENT_LENGTH" in self.headers:
             self.connection_close = True
             raise ParsingError("both Content-Length and Transfer-Encoding were sent")
+        self.streamed = str(self.path).startswith(STREAMED_PATHS)
+        if not self.streamed:
+            self.adj = _small_bodies(self.adj)
         host = self.headers.get("HOST")
         if host is None:
             if self.version == "1.1":
@@ -266,6 +281,15 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
         elif not valid_host(host):
             # RFC 9112, section 3.2: also two Host lines, joined by waitress.
             raise ParsingError("the Host header must be one host[:port]")
+
+
+@functools.lru_cache(maxsize=4)
+def _small_bodies(adj: Any) -> Any:
+    """The server's settings, with a body limit for small bodies."""
+    small = copy.copy(adj)
+    # waitress refuses a body of this many bytes or more.
+    small.max_request_body_size = MAX_SMALL_BODY + 1
+    return small
 
 
 _ERROR_CODES = {
@@ -407,6 +431,7 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
                 consumed = request.received(data)
                 if (
                     request.headers_finished
+                    and request.streamed
                     and not request.completed
                     and request.pipe is None
                     and request.body_rcv is not None

@@ -456,6 +456,57 @@ class TestRefusals:
         assert status == 413
         assert answer["error"] == "too_large"
 
+    def test_a_length_over_a_mib_is_413_before_the_body(self, gateway):
+        """Outside webhooks and uploads, a large Content-Length is refused at once."""
+        port = int(gateway.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /app/login HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: %d\r\n\r\n" % (1024 * 1024 + 1)
+            )
+            assert sock.recv(200).startswith(b"HTTP/1.1 413 ")
+
+    def test_slow_login_bodies_hold_no_worker(self, start_gateway):
+        """Anyone may post a login form; dripping it must not stall the server."""
+        gateway = start_gateway(threads=2)
+        port = int(gateway.url.rsplit(":", 1)[1])
+        stalled = []
+        for _ in range(6):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(
+                b"POST /app/login HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: 100\r\n\r\ntoken="
+            )
+            stalled.append(sock)
+        try:
+            time.sleep(0.3)
+            started = time.monotonic()
+            health = urllib3.PoolManager(retries=False).request(
+                "GET", f"{gateway.url}/healthz", timeout=5.0
+            )
+            assert health.status == 200
+            assert time.monotonic() - started < 2.0
+        finally:
+            for sock in stalled:
+                sock.close()
+
+    @pytest.mark.parametrize("path", ["/admin/v1/keys", "/app/login"])
+    def test_json_nested_too_deeply_is_400(self, platform, path):
+        """Valid JSON that would exhaust the parser's stack is refused, not a 500."""
+        response = platform.http.request(
+            "POST",
+            platform.gateway.url + path,
+            body=b"[" * 100_000 + b"]" * 100_000,
+            headers={
+                "Authorization": f"Bearer {platform.token}",
+                "Content-Type": "application/json",
+            },
+        )
+        assert response.status == 400
+        assert "nests too deeply" in response.json()["message"]
+
     def test_a_lone_surrogate_anywhere_is_400(self, platform):
         """Text no store can encode is refused at the door, not as a 500."""
         response = platform.http.request(
@@ -575,6 +626,24 @@ class TestProjectArea:
         assert replayed.headers["Location"].startswith("/app/login?next=")
         actions = platform.call("GET", "/admin/v1/audit").json()["actions"]
         assert [a["action"] for a in actions[:2]] == ["session.end", "session.open"]
+
+    def test_a_session_is_no_credential_for_the_admin_api(self, gateway):
+        """A platform admin's session cookie, even sent by hand, mints nothing."""
+        made = make_admin(gateway.store, Role.PLATFORM, None, "ops", time.time())
+        session = session_of(gateway, Admin(gateway, made["token"]))
+        http = urllib3.PoolManager(retries=False)
+        for headers in ({"Cookie": session}, {"Cookie": session, "Authorization": ""}):
+            for method, path in (
+                ("GET", "/admin/v1/keys"),
+                ("POST", "/admin/v1/admins"),
+            ):
+                response = http.request(
+                    method,
+                    f"{gateway.url}{path}",
+                    body=b'{"project": "p1"}',
+                    headers={**headers, "Content-Type": "application/json"},
+                )
+                assert response.status == 401, (method, path, headers)
 
     def test_revoking_the_admin_token_ends_its_sessions(self, gateway):
         """A session lasts no longer than the admin token it was opened with."""

@@ -487,7 +487,10 @@ class TestWholeSmallBodies:
     def test_a_body_sent_with_its_head_reaches_the_app_buffered(self, inputs):
         """One piece: waitress' own buffer, no pipe; a split one streams."""
         port, seen = inputs
-        head = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"
+        head = (
+            b"POST /integration/v1/resources/x HTTP/1.1\r\nHost: a\r\n"
+            b"Content-Length: 5\r\n\r\n"
+        )
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(head + b"hello")
             assert sock.recv(100).startswith(b"HTTP/1.1 204")
@@ -498,3 +501,16 @@ class TestWholeSmallBodies:
         assert seen[0][1] == seen[1][1] == b"hello"
         assert seen[0][0] != "BodyPipe"
         assert seen[1][0] == "BodyPipe"
+
+    def test_a_small_endpoints_body_is_read_whole_before_the_app(self, inputs):
+        """Outside webhooks and uploads, even a split body reaches the app whole."""
+        port, seen = inputs
+        head = b"POST /app/login HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(head + b"he")
+            time.sleep(0.3)
+            assert seen == []  # no worker has the request yet
+            sock.sendall(b"llo")
+            assert sock.recv(100).startswith(b"HTTP/1.1 204")
+        assert seen[0][1] == b"hello"
+        assert seen[0][0] != "BodyPipe"
