@@ -65,14 +65,17 @@ def _translated(deadline: _Deadline) -> Iterator[None]:
 MAX_DRAINED = 64 * 1024
 
 
-def _discard(response: urllib3.BaseHTTPResponse, reuse: bool) -> None:
+def _discard(
+    response: urllib3.BaseHTTPResponse, reuse: bool, deadline: _Deadline
+) -> None:
     remaining = response.length_remaining
     if reuse and remaining is not None and remaining <= MAX_DRAINED:
-        try:
-            response.drain_conn()
-        finally:
+        response.drain_conn()
+        # The call ends here: a connection drained in time goes back to the
+        # pool, where no late cut can reach it; a cut one never does.
+        if deadline.finish():
             response.release_conn()
-        return
+            return
     response.close()
     if response.connection is not None:
         response.connection.close()
@@ -100,27 +103,32 @@ class _Deadline:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.finish()
+        _calls.deadline = None
+
+    def finish(self) -> bool:
+        """End the watch; return whether the call ended in time."""
         self._timer.cancel()
         with self._lock:
             self._finished = True
-        _calls.deadline = None
+            return not self.expired
 
     def watch(self, connection: HTTPConnection) -> None:
         """Note the connection the call goes on (from the call's thread)."""
         with self._lock:
             self._connection = connection
-            expired = self.expired
-        if expired:
-            _cut(connection)
+            if self.expired:
+                _cut(connection)
 
     def _expire(self) -> None:
+        # Under the lock, so that no cut lands after finish(): by then the
+        # connection may be back in the pool, carrying another call.
         with self._lock:
             if self._finished:
                 return
             self.expired = True
-            connection = self._connection
-        if connection is not None:
-            _cut(connection)
+            if self._connection is not None:
+                _cut(self._connection)
 
 
 def _cut(connection: HTTPConnection) -> None:
@@ -212,7 +220,7 @@ class Urllib3Forwarder:
             )
             # An upstream may send a body after a HEAD answer anyway; those
             # bytes would be read as the next call's answer.
-            _discard(response, reuse=request.method != "HEAD")
+            _discard(response, request.method != "HEAD", deadline)
         # The query may carry the caller's data: the log gets the path only.
         log.debug("%s %s -> %d", request.method, url.path, response.status)
         return response.status
