@@ -60,6 +60,11 @@ _DROPPED = frozenset(
         "x-original-url",
         "x-rewrite-url",
         "x-original-uri",
+        "x-override-url",
+        # Host overrides: the upstream learns the caller's host from
+        # X-Forwarded-Host, which the gateway sets itself.
+        "x-original-host",
+        "x-host",
         # CGI-style upstreams would read it as HTTP_PROXY ("httpoxy").
         "proxy",
     }
@@ -71,9 +76,11 @@ _HOST = re.compile(
 # proxy may assert): the caller's are dropped, whatever follows the prefix.
 _OWN_PREFIXES = ("x-dais-", "dais-", "x-forwarded-")
 #: A Host field value (RFC 9112, section 3.2): an RFC 3986 host, then an
-#: optional port; empty when the target has no authority.
+#: optional port; empty when the target has no authority. A comma, which
+#: RFC 3986 allows in a name but no DNS name holds, is refused: two Host
+#: lines joined by a proxy would read as one.
 _HOST_FIELD = re.compile(
-    r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9\-._~!$&'()*+,;=%]{1,255})(?::[0-9]{0,5})?|"
+    r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9\-._~!$&'()*+;=%]{1,255})(?::[0-9]{0,5})?|"
 )
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: A query a URL can carry as it is: visible ASCII but ``#``, and ``%`` only
@@ -172,7 +179,7 @@ def relayable_status(status: int) -> int:
 def valid_host(value: str) -> bool:
     """Return whether a Host header's value is a host and optional port.
 
-    Two ``Host`` lines arrive joined by ", ", which no host contains.
+    Two ``Host`` lines arrive joined by ", " (or ","), which no host contains.
     """
     return _HOST_FIELD.fullmatch(value) is not None
 

@@ -537,8 +537,9 @@ class TestSmugglingAndOverrides:
             b"Host: a b\r\n",
             b"Host: elsewhere.example:80@127.0.0.1\r\n",
             b"Host: 127.0.0.1:99999999\r\n",
+            b"Host: 127.0.0.1,elsewhere.example\r\n",
         ],
-        ids=["two-hosts", "space", "userinfo", "long-port"],
+        ids=["two-hosts", "space", "userinfo", "long-port", "comma"],
     )
     def test_a_bad_or_second_host_is_400(self, gateway, upstream, caller, host_lines):
         """RFC 9112, section 3.2: one Host, a host[:port], or a 400 and no call."""
@@ -609,7 +610,15 @@ class TestSmugglingAndOverrides:
         assert "x-original-method" not in seen
 
     @pytest.mark.parametrize(
-        "name", ["X-Original-URL", "X-Rewrite-URL", "X-Original-URI"]
+        "name",
+        [
+            "X-Original-URL",
+            "X-Rewrite-URL",
+            "X-Original-URI",
+            "X-Override-URL",
+            "X-Original-Host",
+            "X-Host",
+        ],
     )
     def test_path_override_headers_are_dropped(self, http, gateway, upstream, name):
         """A key for /api/webhook cannot point the upstream's router elsewhere."""
