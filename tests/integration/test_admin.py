@@ -361,7 +361,10 @@ class TestRefusals:
         ("raw", "said"),
         [
             ('{"project": "p1", "label": "%s"}' % ("n" * 201), "longer than 200"),
-            ('{"project": "p1", "label": "\\u001b[2J"}', "control characters"),
+            (
+                '{"project": "p1", "label": "\\u001b[2J"}',
+                "control or invisible characters",
+            ),
             ('{"project": "p1", "label": "\\ud800"}', "lone UTF-16 surrogate"),
             ('{"project": "p1", "app_ids": "p1p2"}', "expected list"),
         ],
@@ -388,7 +391,7 @@ class TestRefusals:
             "POST", "/admin/v1/admins", {"project": "p1", "label": "a\u202eb"}
         )
         assert made.status == 400
-        assert "control characters" in made.json()["message"]
+        assert "control or invisible characters" in made.json()["message"]
 
     @pytest.mark.parametrize(
         ("grant", "said"),

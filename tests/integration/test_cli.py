@@ -182,7 +182,7 @@ class TestAdminCommands:
     @pytest.mark.parametrize(
         ("label", "said"),
         [
-            ("\x1b]0;owned\x07", "control characters"),
+            ("\x1b]0;owned\x07", "control or invisible characters"),
             (os.fsdecode(b"\xff\xfe"), "not valid Unicode"),
             ("n" * 201, "longer than 200"),
         ],
