@@ -432,6 +432,24 @@ class SqlStore:
             )
             self._services_changed(db, endpoint.project)
 
+    def remove_service(self, project: str, lineage_version: int, service: str) -> None:
+        """Take a service of a lineage version out of the registry.
+
+        Raises:
+            NotFound: No such service is registered.
+        """
+        with self._transaction() as db:
+            if not self._exec(
+                db,
+                "DELETE FROM services WHERE project = ? AND lineage_version = ?"
+                " AND service = ?",
+                (project, lineage_version, service),
+            ):
+                raise NotFound(
+                    f"no service {service!r} at {project} v{lineage_version}"
+                )
+            self._services_changed(db, project)
+
     def publishes(self, key_id: str, limit: int = 100) -> list[dict[str, Any]]:
         """Return the latest publish records of a key, newest first."""
         rows = self._read(

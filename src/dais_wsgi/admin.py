@@ -396,7 +396,7 @@ class Grants(_AdminResource):
 
 
 class Services(_AdminResource):
-    """``/admin/v1/services``: list a project's services, register one."""
+    """``/admin/v1/services``: list a project's services, register or remove one."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """List the services of ``?project=``."""
@@ -417,12 +417,36 @@ class Services(_AdminResource):
             check_service_url(body.url),
         )
         self.store.add_service(endpoint)
-        invalidate = getattr(self.runtime.registry, "invalidate", None)
-        if invalidate is not None:
-            invalidate(endpoint.project)
+        self._invalidate(endpoint.project)
         self.audit(admin, "service.add", f"{endpoint.project}/{endpoint.service}")
         resp.status = 201
         resp.media = attrs.asdict(endpoint)
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Take ``?project=&lineage_version=&service=`` out of the registry."""
+        admin = self.platform(req)
+        project = check_name(req.get_param("project", required=True), "project")
+        version = check_lineage_version(
+            req.get_param_as_int("lineage_version", required=True)
+        )
+        service = check_name(req.get_param("service", required=True), "service")
+        self.store.remove_service(project, version, service)
+        self._invalidate(project)
+        self.audit(
+            admin, "service.remove", f"{project}/{service}", lineage_version=version
+        )
+        resp.media = {
+            "removed": {
+                "project": project,
+                "lineage_version": version,
+                "service": service,
+            }
+        }
+
+    def _invalidate(self, project: str) -> None:
+        invalidate = getattr(self.runtime.registry, "invalidate", None)
+        if invalidate is not None:
+            invalidate(project)
 
 
 class Explain(_AdminResource):

@@ -210,6 +210,15 @@ def _services_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _services_remove(args: argparse.Namespace) -> int:
+    project = check_name(args.project, "project")
+    version = check_lineage_version(args.lineage_version)
+    service = check_name(args.service, "service")
+    _store(args).remove_service(project, version, service)
+    print(f"{project} v{version} {service} removed")
+    return 0
+
+
 def _admins_create(args: argparse.Namespace) -> int:
     role = Role(args.role)
     if role is Role.PROJECT and not args.project:
@@ -376,6 +385,13 @@ def _parser() -> argparse.ArgumentParser:
     sadd.add_argument("--service", required=True)
     sadd.add_argument("--url", required=True)
     sadd.set_defaults(run=_services_add)
+    sremove = services.add_parser(
+        "remove", help="take a service of a lineage version out of the registry"
+    )
+    sremove.add_argument("--project", required=True)
+    sremove.add_argument("--lineage-version", type=int, required=True)
+    sremove.add_argument("--service", required=True)
+    sremove.set_defaults(run=_services_remove)
 
     admins = groups.add_parser("admins", help="admin tokens").add_subparsers(
         dest="action", required=True

@@ -154,6 +154,17 @@ class TestServices:
         ]
         assert store.endpoints("nobody") == []
 
+    def test_a_removed_service_is_gone_and_cannot_go_twice(self, store):
+        """Removal takes one version's service; the others stay."""
+        store.add_service(ServiceEndpoint("p1", 1, "svc", "http://127.0.0.1:1"))
+        store.add_service(ServiceEndpoint("p1", 2, "svc", "http://127.0.0.1:2"))
+        store.remove_service("p1", 2, "svc")
+        assert store.endpoints("p1") == [
+            ServiceEndpoint("p1", 1, "svc", "http://127.0.0.1:1")
+        ]
+        with pytest.raises(NotFound):
+            store.remove_service("p1", 2, "svc")
+
 
 class TestRecords:
     """Records are kept in batches with the key's latest use."""

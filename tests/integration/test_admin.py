@@ -296,6 +296,36 @@ class TestKeyLifecycle:
         )
         assert expired.json()["expires"] == "2020-01-01T00:00:00+00:00"
 
+    def test_a_removed_service_is_no_longer_reached(self, platform, gateway):
+        """After removal the gateway answers 404; removing it again is 404 too."""
+        from tests.upstream import Upstream
+
+        upstream = Upstream()
+        try:
+            created = create_key(platform)
+            platform.call(
+                "POST",
+                f"/admin/v1/keys/{created['id']}/permissions",
+                {"project": "p1", "service": "svc", "prefix": "/"},
+            )
+            service = {"project": "p1", "lineage_version": 1, "service": "svc"}
+            platform.call("POST", "/admin/v1/services", service | {"url": upstream.url})
+            hook = f"{gateway.url}/project-gateway/webhooks/p1/lineage-version/1/svc/x"
+            auth = {"Authorization": f"Bearer {created['key']}"}
+            http = urllib3.PoolManager(retries=False)
+            assert http.request("POST", hook, headers=auth).status == 200
+            query = "project=p1&lineage_version=1&service=svc"
+            removed = platform.call("DELETE", f"/admin/v1/services?{query}")
+            assert removed.status == 200
+            assert removed.json() == {"removed": service}
+            assert http.request("POST", hook, headers=auth).status == 404
+            again = platform.call("DELETE", f"/admin/v1/services?{query}")
+            assert again.status == 404
+            actions = platform.call("GET", "/admin/v1/audit").json()["actions"]
+            assert actions[0]["action"] == "service.remove"
+        finally:
+            upstream.close()
+
     def test_services_and_explain(self, platform):
         """A registered service is explained for a key that may call it."""
         created = create_key(platform)

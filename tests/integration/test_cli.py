@@ -196,6 +196,16 @@ class TestAdminCommands:
         assert said in message
         assert "Traceback" not in message
 
+    def test_a_service_is_removed_once(self, tmp_path):
+        """``services remove`` takes it out; a second time says it is not there."""
+        home = tmp_path / "home"
+        where = ["--project", "p1", "--lineage-version", "3", "--service", "svc"]
+        run(home, "services", "add", *where, "--url", "http://127.0.0.1:9")
+        assert run(home, "services", "remove", *where).strip() == "p1 v3 svc removed"
+        assert "no service 'svc' at p1 v3" in refused(
+            home, "services", "remove", *where
+        )
+
     def test_a_location_no_storage_serves_is_refused(self, tmp_path):
         """A grant to ``foo://`` would fail every upload: it is refused at once."""
         home = tmp_path / "home"
