@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from dais_core.admin import AdminSession, AdminToken
 from dais_core.errors import PublishFailed
 from dais_core.policies import Decision, RatePolicy, gcra
 from dais_core.rules import Location
@@ -16,6 +17,7 @@ from dais_core.values import Credential, ForwardRecord, PublishRecord, ServiceEn
 
 __all__ = [
     "FakeClock",
+    "MemoryAdminStore",
     "MemoryKeyStore",
     "MemoryRegistry",
     "MemoryStorage",
@@ -53,6 +55,20 @@ class MemoryKeyStore:
 
     def record_forward(self, record: ForwardRecord) -> None:
         self.forwards.append(record)
+
+
+class MemoryAdminStore:
+    """Admin tokens and browser sessions by id."""
+
+    def __init__(self) -> None:
+        self.admins: dict[str, AdminToken] = {}
+        self.sessions: dict[str, AdminSession] = {}
+
+    def load_admin(self, admin_id: str) -> AdminToken | None:
+        return self.admins.get(admin_id)
+
+    def load_session(self, session_id: str) -> AdminSession | None:
+        return self.sessions.get(session_id)
 
 
 class MemoryRegistry:

@@ -6,7 +6,6 @@ import attrs
 import pytest
 
 from dais_core.admin import (
-    AdminSession,
     AdminToken,
     Role,
     authenticate_session,
@@ -14,30 +13,17 @@ from dais_core.admin import (
 )
 from dais_core.errors import Unauthenticated
 from dais_core.keys import ADMIN_PREFIX, SESSION_PREFIX, new_key
+from dais_core.testing import MemoryAdminStore
 
 HOUR = 3600.0
 
 
-class MemoryAdmins:
-    """Admin tokens and sessions in a dict: the core's view of an admin store."""
-
-    def __init__(self) -> None:
-        self.admins: dict[str, AdminToken] = {}
-        self.sessions: dict[str, AdminSession] = {}
-
-    def load_admin(self, admin_id: str) -> AdminToken | None:
-        return self.admins.get(admin_id)
-
-    def load_session(self, session_id: str) -> AdminSession | None:
-        return self.sessions.get(session_id)
-
-
 @pytest.fixture
-def admins() -> MemoryAdmins:
-    return MemoryAdmins()
+def admins() -> MemoryAdminStore:
+    return MemoryAdminStore()
 
 
-def logged_in(admins: MemoryAdmins, now: float = 100.0) -> tuple[AdminToken, str]:
+def logged_in(admins: MemoryAdminStore, now: float = 100.0) -> tuple[AdminToken, str]:
     """Store a project admin and a session of theirs; return it and its token."""
     made = new_key(prefix=ADMIN_PREFIX)
     admin = AdminToken(made.id, made.secret_hash, Role.PROJECT, "p1", "lead", 1.0)
