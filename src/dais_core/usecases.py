@@ -76,12 +76,17 @@ def authenticate(store: KeyStore, authorization: str | None, now: float) -> Cred
     credential = store.load(key_id)
     if credential is None or not secret_matches(secret, credential.key.secret_hash):
         raise Unauthenticated("the API key is not known")
+    _check_live(credential, now)
+    return credential
+
+
+def _check_live(credential: Credential, now: float) -> None:
+    """Refuse a key that is revoked or expired at ``now``."""
     key = credential.key
     if key.revoked is not None and key.revoked <= now:
         raise Unauthenticated("the API key has been revoked")
     if key.expires is not None and key.expires <= now:
         raise Unauthenticated("the API key has expired")
-    return credential
 
 
 @attrs.frozen
@@ -157,6 +162,7 @@ def explain(
     path: str,
     query: str | None,
     registry: ServiceRegistry,
+    now: float,
 ) -> Explanation:
     """Say whether a key could make a gateway call, and why, without making it.
 
@@ -166,12 +172,18 @@ def explain(
         path: The raw, percent-encoded path of the call.
         query: The raw query string; ``None`` when there was no ``?``.
         registry: Where services are registered.
+        now: The current time: a key revoked or expired by then gets the
+            401 its call would get.
 
     Raises:
         InvalidData: The method is no HTTP method (the gateway would never
             have received the call).
     """
     (method,) = check_methods([method])
+    try:
+        _check_live(credential, now)
+    except DaisError as exc:
+        return Explanation(False, status_for(exc), exc.message)
     try:
         call = parse_gateway_path(path)
     except DaisError as exc:

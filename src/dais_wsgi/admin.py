@@ -466,6 +466,7 @@ class Explain(_AdminResource):
             target.path,
             target.query if "?" in body.url else None,
             self.store,
+            self.runtime.clock(),
         )
         resp.media = attrs.asdict(
             found,

@@ -132,7 +132,7 @@ class Login:
         session = open_session(admin, made, now, lifetime)
         store = self.runtime.admin
         store.add_session(session)
-        detail = {"expires": session.expires}
+        detail = {"expires": iso(session.expires)}
         store.record_audit(AuditRecord(now, admin.id, "session.open", made.id, detail))
         return made.token
 

@@ -7,6 +7,7 @@ Environment and flags are read here and nowhere else: they become one
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from dais_core.admin import Role
+from dais_core.admin import AuditRecord, Role
 from dais_core.errors import DaisError, InvalidData, NotFound
 from dais_core.keys import new_key
 from dais_core.policies import RatePolicy
@@ -128,6 +129,19 @@ def _store(args: argparse.Namespace) -> AdminStore:
     return admin_store(_settings(args))
 
 
+def _audit(store: AdminStore, action: str, target: str, **detail: Any) -> None:
+    """Record a change made on the command line, as the admin API records its own.
+
+    The actor is ``cli:<login name>``: whoever can run these commands holds
+    the store itself, with no admin token to name.
+    """
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    store.record_audit(AuditRecord(time.time(), f"cli:{user}", action, target, detail))
+
+
 def _keys_create(args: argparse.Namespace) -> int:
     check_name(args.project, "project")
     made = new_key()
@@ -147,7 +161,9 @@ def _keys_create(args: argparse.Namespace) -> int:
     key = ApiKey(
         made.id, made.secret_hash, args.project, args.label, request, now, expires
     )
-    _store(args).add_key(key)
+    store = _store(args)
+    store.add_key(key)
+    _audit(store, "key.create", made.id, project=args.project, label=args.label)
     if args.json:
         print(json.dumps({"id": made.id, "key": made.token}))
     else:
@@ -167,7 +183,9 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
-    _store(args).revoke(args.key_id, time.time())
+    store = _store(args)
+    store.revoke(args.key_id, time.time())
+    _audit(store, "key.revoke", args.key_id)
     print(f"revoked {args.key_id}")
     return 0
 
@@ -179,7 +197,9 @@ def _permissions_add(args: argparse.Namespace) -> int:
         normalise_prefix(args.prefix),
         check_methods(args.method or ()),
     )
-    _store(args).add_permission(args.key_id, permission)
+    store = _store(args)
+    store.add_permission(args.key_id, permission)
+    _audit(store, "permission.add", args.key_id, prefix=permission.prefix)
     print(
         f"{args.key_id} may call {permission.project}/{permission.service}{permission.prefix}"
     )
@@ -191,7 +211,9 @@ def _grants_add(args: argparse.Namespace) -> int:
     schemes = build_storages(_settings(args)).keys()
     locations = check_grant_locations(resource, args.to, schemes)
     grant = Grant(resource, locations, DataType(args.type))
-    _store(args).add_grant(args.key_id, grant)
+    store = _store(args)
+    store.add_grant(args.key_id, grant)
+    _audit(store, "grant.add", args.key_id, resource=resource)
     print(f"{args.key_id} may publish {resource} to {', '.join(locations)}")
     return 0
 
@@ -203,7 +225,9 @@ def _services_add(args: argparse.Namespace) -> int:
         check_name(args.service, "service"),
         check_service_url(args.url),
     )
-    _store(args).add_service(endpoint)
+    store = _store(args)
+    store.add_service(endpoint)
+    _audit(store, "service.add", f"{endpoint.project}/{endpoint.service}")
     print(
         f"{endpoint.project} v{endpoint.lineage_version} {endpoint.service} -> {endpoint.base_url}"
     )
@@ -214,7 +238,9 @@ def _services_remove(args: argparse.Namespace) -> int:
     project = check_name(args.project, "project")
     version = check_lineage_version(args.lineage_version)
     service = check_name(args.service, "service")
-    _store(args).remove_service(project, version, service)
+    store = _store(args)
+    store.remove_service(project, version, service)
+    _audit(store, "service.remove", f"{project}/{service}", lineage_version=version)
     print(f"{project} v{version} {service} removed")
     return 0
 
@@ -223,7 +249,9 @@ def _admins_create(args: argparse.Namespace) -> int:
     role = Role(args.role)
     if role is Role.PROJECT and not args.project:
         raise InvalidData("a project admin needs --project")
-    created = make_admin(_store(args), role, args.project, args.label, time.time())
+    store = _store(args)
+    created = make_admin(store, role, args.project, args.label, time.time())
+    _audit(store, "admin.create", created["id"], project=args.project)
     if args.json:
         print(json.dumps(created))
     else:
@@ -234,7 +262,9 @@ def _admins_create(args: argparse.Namespace) -> int:
 
 
 def _admins_revoke(args: argparse.Namespace) -> int:
-    _store(args).revoke_admin(args.admin_id, time.time())
+    store = _store(args)
+    store.revoke_admin(args.admin_id, time.time())
+    _audit(store, "admin.revoke", args.admin_id)
     print(f"revoked admin token {args.admin_id}")
     return 0
 
@@ -249,12 +279,12 @@ def _explain(args: argparse.Namespace) -> int:
     except ValueError:
         raise InvalidData("the URL does not parse") from None
     query = target.query if "?" in args.url else None
-    found = explain(credential, args.method, target.path, query, store)
+    found = explain(credential, args.method, target.path, query, store, time.time())
     if args.json:
         print(json.dumps(attrs.asdict(found, value_serializer=_plain)))
     else:
-        verdict = "allowed" if found.allowed else f"refused ({found.status})"
-        print(f"{verdict}: {found.reason}")
+        verdict = "allowed" if found.allowed else "refused"
+        print(f"{verdict} ({found.status}): {found.reason}")
         print(f"normalised route: {found.route or '-'}")
         for line in found.considered:
             print(f"  permission {line}")

@@ -196,6 +196,42 @@ class TestAdminCommands:
         assert said in message
         assert "Traceback" not in message
 
+    def test_changes_made_here_are_audited(self, tmp_path):
+        """Each change names the command line's user, as the API names an admin."""
+        from dais_adapters.sqlite import SqliteStore
+
+        home = tmp_path / "home"
+        key_id = json.loads(run(home, "keys", "create", "--project", "p1", "--json"))[
+            "id"
+        ]
+        where = ["--project", "p1", "--lineage-version", "3", "--service", "svc"]
+        run(home, "services", "add", *where, "--url", "http://127.0.0.1:9")
+        permit = ["--project", "p1", "--service", "svc", "--prefix", "/"]
+        run(home, "permissions", "add", key_id, *permit)
+        run(home, "services", "remove", *where)
+        admin_id = json.loads(
+            run(home, "admins", "create", "--role", "platform", "--json")
+        )["id"]
+        run(home, "admins", "revoke", admin_id)
+        run(home, "keys", "revoke", key_id)
+        store = SqliteStore(home / "dais.sqlite3")
+        try:
+            actions = [(r.action, r.target) for r in reversed(store.audit())]
+            actors = {r.actor for r in store.audit()}
+        finally:
+            store.close()
+        assert actions == [
+            ("key.create", key_id),
+            ("service.add", "p1/svc"),
+            ("permission.add", key_id),
+            ("service.remove", "p1/svc"),
+            ("admin.create", admin_id),
+            ("admin.revoke", admin_id),
+            ("key.revoke", key_id),
+        ]
+        assert len(actors) == 1
+        assert next(iter(actors)).startswith("cli:")
+
     def test_a_service_is_removed_once(self, tmp_path):
         """``services remove`` takes it out; a second time says it is not there."""
         home = tmp_path / "home"
@@ -615,6 +651,15 @@ class TestExplain:
             "p1 svc /api/webhook (POST): route not at or under the prefix"
         ]
         assert refused("POST", f"{base}/api/webhook/%2e%2e/x")["status"] == 400
+
+        run(home, "keys", "revoke", key_id)
+        revoked = refused("POST", f"{base}/api/webhook/x")
+        assert (revoked["status"], revoked["reason"]) == (
+            401,
+            "the API key has been revoked",
+        )
+        text = command(home, "explain", key_id, "POST", f"{base}/api/webhook/x")
+        assert text.stdout.startswith("refused (401): the API key has been revoked")
 
 
 class TestAdminsCommand:

@@ -6,6 +6,7 @@ import hashlib
 import sqlite3
 from collections.abc import Iterator
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -194,7 +195,7 @@ class TestExplain:
     def test_an_allowed_call_names_its_permission_and_upstream(self):
         """A call that would pass says which permission lets it and where it goes."""
         path = GATEWAY + "p1/lineage-version/latest/svc/api/webhook/%7Erun"
-        explanation = explain(CREDENTIAL, "post", path, "a=1", REGISTRY)
+        explanation = explain(CREDENTIAL, "post", path, "a=1", REGISTRY, NOW)
         assert (explanation.allowed, explanation.status) == (True, 200)
         assert explanation.route == "/api/webhook/~run"
         assert explanation.lineage_version == 2
@@ -207,19 +208,33 @@ class TestExplain:
         """Explaining a call the gateway could never receive is a 400, not a yes."""
         path = GATEWAY + "p1/lineage-version/latest/svc/api/webhook"
         with pytest.raises(InvalidData, match="is not an HTTP method"):
-            explain(CREDENTIAL, method, path, None, REGISTRY)
+            explain(CREDENTIAL, method, path, None, REGISTRY, NOW)
+
+    @pytest.mark.parametrize(
+        ("change", "said"),
+        [({"revoked": NOW}, "revoked"), ({"expires": NOW - 1}, "expired")],
+        ids=["revoked", "expired"],
+    )
+    def test_a_key_that_no_longer_works_is_explained_as_401(self, change, said):
+        """A revoked or expired key's call would be 401, whatever it could reach."""
+        key = attrs.evolve(CREDENTIAL.key, **change)
+        credential = attrs.evolve(CREDENTIAL, key=key)
+        path = GATEWAY + "p1/lineage-version/latest/svc/api/webhook/%7Erun"
+        explanation = explain(credential, "POST", path, None, REGISTRY, NOW)
+        assert (explanation.allowed, explanation.status) == (False, 401)
+        assert said in explanation.reason
 
     def test_a_bad_path_is_explained_as_its_400(self):
         """A path the gateway would refuse gets that status and message."""
         path = GATEWAY + "p1/lineage-version/0/svc/x"
-        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY)
+        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY, NOW)
         assert (explanation.allowed, explanation.status) == (False, 400)
         assert "lineageVersion" in explanation.reason
 
     def test_a_forbidden_call_says_why_each_permission_did_not_match(self):
         """Each permission is listed with the reason it does not cover the call."""
         path = GATEWAY + "p1/lineage-version/3/other/api/admin/x"
-        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY)
+        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY, NOW)
         assert (explanation.allowed, explanation.status) == (False, 403)
         assert explanation.route == "/api/admin/x"
         assert [c.rsplit(": ", 1)[1] for c in explanation.considered] == [
@@ -231,14 +246,14 @@ class TestExplain:
     def test_a_route_outside_the_prefix_is_named_as_such(self):
         """A permission for the right service but another route says so."""
         path = GATEWAY + "p1/lineage-version/1/svc/api/webhookx"
-        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY)
+        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY, NOW)
         assert explanation.status == 403
         assert explanation.considered[0].endswith("route not at or under the prefix")
 
     def test_a_permitted_call_to_nothing_is_explained_as_404(self):
         """A permitted project without the service or version is 404."""
         path = GATEWAY + "p1/lineage-version/9/svc/api/webhook"
-        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY)
+        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY, NOW)
         assert (explanation.allowed, explanation.status) == (False, 404)
         assert "no lineage version 9" in explanation.reason
 
