@@ -197,6 +197,7 @@ class _AdminResource:
         self.store = runtime.admin
 
     def admin(self, req: falcon.Request) -> AdminToken:
+        req.context.template = "admin"
         # Bearer tokens only: a browser session (the area's cookie) is no
         # credential for the platform API, so a stolen cookie mints nothing.
         found = bearer_admin(req, self.runtime)

@@ -87,6 +87,7 @@ class Login:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Show the form."""
+        req.context.template = "area"
         _form(resp, _safe_next(req.get_param("next")), "")
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -96,6 +97,7 @@ class Login:
         A browser posting from another site's page (its ``Origin`` is not
         this host) is refused, so no page elsewhere can log a visitor in.
         """
+        req.context.template = "area"
         _same_origin(req)
         form = read_media(req, (falcon.MEDIA_URLENCODED, falcon.MEDIA_JSON))
         if not isinstance(form, dict):
@@ -148,6 +150,7 @@ class Logout:
 
         Like the login, a post from another site's page is refused.
         """
+        req.context.template = "area"
         _same_origin(req, "the logout")
         values = req.get_cookie_values(COOKIE)
         store = self.runtime.admin
@@ -161,7 +164,8 @@ class Logout:
         else:
             store.end_session(session.id)
             store.record_audit(AuditRecord(now, admin.id, "session.end", session.id))
-        resp.unset_cookie(COOKIE, path="/app/")
+        resp.set_headers(_HEADERS)
+        resp.unset_cookie(COOKIE, path="/app/", same_site="Strict")
         resp.status = 303
         resp.set_header("Location", "/app/login")
 
@@ -246,6 +250,7 @@ class ApiKeysPage:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, project: str) -> None:
         """List the project's keys with their recent use; JSON or HTML."""
+        req.context.template = "area"
         wants_json = (
             req.client_prefers(["application/json", "text/html"]) == "application/json"
         )

@@ -310,12 +310,18 @@ class JsonErrorTask(ErrorTask):  # type: ignore[misc]
         """Write the error as JSON and close the connection after it."""
         error = self.request.error
         code, reason = error.code, error.reason
+        message = f"{reason}: {error.body}"
         if code in _AS_BAD_REQUEST:
             code, reason = 400, "Bad Request"
+            message = f"{reason}: {error.body}"
+        elif code == 413:
+            # waitress counts "this many bytes or more": name the real limit.
+            limit = self.request.adj.max_request_body_size - 1
+            message = f"the body is over the limit of {limit} bytes"
         body = json.dumps(
             {
                 "error": _ERROR_CODES.get(code, "internal_error"),
-                "message": f"{reason}: {error.body}",
+                "message": message,
             }
         ).encode()
         self.status = f"{code} {reason}"

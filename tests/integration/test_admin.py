@@ -444,6 +444,21 @@ class TestRefusals:
         assert added.status == 400
         assert said in added.json()["message"]
 
+    def test_admin_and_area_calls_are_named_in_the_log(self, platform, caplog):
+        """The access line names the endpoint, not '-', for the API and the area."""
+        import logging
+
+        with caplog.at_level(logging.INFO, logger="dais.access"):
+            platform.call("GET", "/admin/v1/keys")
+            platform.call("GET", "/app/p1/admin/apikeys")
+            platform.call("GET", "/admin/v1/keys", Authorization="Bearer nope")
+        lines = [r.getMessage() for r in caplog.records if r.name == "dais.access"]
+        assert [line.split()[1:3] for line in lines] == [
+            ["admin", "200"],
+            ["area", "200"],
+            ["admin", "401"],
+        ]
+
     def test_a_bad_query_parameter_is_invalid_data(self, platform):
         """Falcon's own 400 has the same code as every other 400."""
         response = platform.call("GET", "/admin/v1/audit?limit=lots")
@@ -498,7 +513,15 @@ class TestRefusals:
                 b"Content-Type: application/x-www-form-urlencoded\r\n"
                 b"Content-Length: %d\r\n\r\n" % (1024 * 1024 + 1)
             )
-            assert sock.recv(200).startswith(b"HTTP/1.1 413 ")
+            answer = b""
+            while not answer.endswith(b"}"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        message = json.loads(answer.partition(b"\r\n\r\n")[2])["message"]
+        assert message == "the body is over the limit of 1048576 bytes"
 
     def test_slow_login_bodies_hold_no_worker(self, start_gateway):
         """Anyone may post a login form; dripping it must not stall the server."""
@@ -654,6 +677,8 @@ class TestProjectArea:
         assert "Max-Age=0" in out.headers["Set-Cookie"] or "expires=" in (
             out.headers["Set-Cookie"].lower()
         )
+        assert "SameSite=Strict" in out.headers["Set-Cookie"]
+        assert out.headers["Cache-Control"] == "no-store"
         replayed = area_page(gateway, session)
         assert replayed.status == 303
         assert replayed.headers["Location"].startswith("/app/login?next=")
