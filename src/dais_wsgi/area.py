@@ -86,9 +86,21 @@ class Login:
         self.runtime = runtime
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Show the form."""
+        """Show the form, or who is logged in when the session is valid.
+
+        A platform admin's login comes back here (there is no page of all
+        projects): it says so, and how to reach a project's page.
+        """
         req.context.template = "area"
-        _form(resp, _safe_next(req.get_param("next")), "")
+        values = req.get_cookie_values(COOKIE)
+        try:
+            _, admin = authenticate_session(
+                self.runtime.admin, values[0] if values else None, self.runtime.clock()
+            )
+        except Unauthenticated:
+            _form(resp, _safe_next(req.get_param("next")), "")
+            return
+        _logged_in(resp, admin)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Check the token; on success, open a session and go on.
@@ -211,6 +223,25 @@ def _form(resp: falcon.Response, target: str, problem: str) -> None:
         "<p><label for=token>Admin token</label><br>"
         "<input id=token name=token type=password size=70 autocomplete=off required>"
         "</p><p><button type=submit>Log in</button></p></form>",
+    )
+
+
+def _logged_in(resp: falcon.Response, admin: AdminToken) -> None:
+    resp.set_headers(_HEADERS)
+    resp.content_type = falcon.MEDIA_HTML
+    if admin.project:
+        where = f"/app/{quote(admin.project)}/admin/apikeys"
+        reach = f"<p><a href='{_e(where)}'>The keys of {_e(admin.project)}</a></p>"
+    else:
+        reach = (
+            "<p>A platform admin may open any project's page: "
+            "<code>/app/&lt;project&gt;/admin/apikeys</code>.</p>"
+        )
+    resp.text = _page(
+        "Dais admin",
+        f"<h1>Dais admin</h1><p>Logged in as {_e(admin.role.value)} admin "
+        f"<code>{_e(admin.id)}</code>.</p>{reach}"
+        "<form method=post action='/app/logout'><button>Log out</button></form>",
     )
 
 

@@ -685,6 +685,26 @@ class TestProjectArea:
         actions = platform.call("GET", "/admin/v1/audit").json()["actions"]
         assert [a["action"] for a in actions[:2]] == ["session.end", "session.open"]
 
+    def test_the_login_page_says_who_is_logged_in(self, gateway):
+        """With a valid session, /app/login names the admin and where to go."""
+        made = make_admin(gateway.store, Role.PLATFORM, None, "ops", time.time())
+        session = session_of(gateway, Admin(gateway, made["token"]))
+        page = urllib3.PoolManager(retries=False).request(
+            "GET", f"{gateway.url}/app/login", headers={"Cookie": session}
+        )
+        text = page.data.decode()
+        assert page.status == 200
+        assert f"Logged in as platform admin <code>{made['id']}</code>" in text
+        assert "/app/&lt;project&gt;/admin/apikeys" in text
+        assert page.headers["Cache-Control"] == "no-store"
+        lead = project_admin(gateway, "p1")
+        page = urllib3.PoolManager(retries=False).request(
+            "GET",
+            f"{gateway.url}/app/login",
+            headers={"Cookie": session_of(gateway, lead)},
+        )
+        assert "href='/app/p1/admin/apikeys'" in page.data.decode()
+
     def test_a_session_is_no_credential_for_the_admin_api(self, gateway):
         """A platform admin's session cookie, even sent by hand, mints nothing."""
         made = make_admin(gateway.store, Role.PLATFORM, None, "ops", time.time())
