@@ -436,6 +436,18 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
                 request = self.request
                 consumed = request.received(data)
                 if (
+                    request.expect_continue
+                    and request.headers_finished
+                    and not request.streamed
+                    and not request.completed
+                    and not self.requests
+                    and not self.sent_continue
+                ):
+                    # A small body is read here, not by the application: invite
+                    # it at once, as stock waitress does (after the answers
+                    # still owed, when there are some: see its service()).
+                    self.send_continue()
+                if (
                     request.headers_finished
                     and request.streamed
                     and not request.completed

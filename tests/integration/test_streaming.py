@@ -502,6 +502,20 @@ class TestWholeSmallBodies:
         assert seen[0][0] != "BodyPipe"
         assert seen[1][0] == "BodyPipe"
 
+    def test_a_small_body_is_invited_at_once(self, inputs):
+        """Expect: 100-continue on a small endpoint gets its 100 with the head."""
+        port, seen = inputs
+        head = (
+            b"POST /app/login HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(head)
+            assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(b"hello")
+            assert sock.recv(100).startswith(b"HTTP/1.1 204")
+        assert seen[0][1] == b"hello"
+
     def test_a_small_endpoints_body_is_read_whole_before_the_app(self, inputs):
         """Outside webhooks and uploads, even a split body reaches the app whole."""
         port, seen = inputs
