@@ -266,7 +266,11 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
         self.started = time.monotonic()
 
     def parse_header(self, header_plus: bytes) -> None:
-        """Parse the head; refuse a request framed two ways at once."""
+        """Parse the head; note whether the body streams; refuse bad framing.
+
+        Refused: a request framed two ways at once, an HTTP/1.1 request with
+        no ``Host``, and a ``Host`` that is not one host[:port].
+        """
         super().parse_header(header_plus)
         if self.chunked and "CONTENT_LENGTH" in self.headers:
             self.connection_close = True
