@@ -42,6 +42,7 @@ from typing import Any
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.task import ErrorTask, WSGITask
+from waitress.utilities import Error as WaitressError
 
 from dais_core.errors import DaisError, IncompleteBody, RequestTimeout, TooLarge
 from dais_core.gateway import valid_host
@@ -69,6 +70,8 @@ GATEWAY_PATH = "/project-gateway/"
 #: :data:`~dais_wsgi.bodies.MAX_SMALL_BODY`, before a worker sees the
 #: request, so a client that sends its body slowly holds no worker.
 STREAMED_PATHS = (GATEWAY_PATH, "/integration/")
+#: Bytes on the wire a small chunked body may take, framing included.
+SMALL_CHUNKED_WIRE = 8 * MAX_SMALL_BODY
 
 
 class BodyPipe:
@@ -260,6 +263,7 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
     pipe: BodyPipe | None = None
     wants_continue = False
     streamed = False
+    timed_out = False
 
     def __init__(self, adj: Any) -> None:
         super().__init__(adj)
@@ -277,7 +281,7 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
             raise ParsingError("both Content-Length and Transfer-Encoding were sent")
         self.streamed = str(self.path).startswith(STREAMED_PATHS)
         if not self.streamed:
-            self.adj = _small_bodies(self.adj)
+            self.adj = _small_bodies(self.adj, bool(self.chunked))
         host = self.headers.get("HOST")
         if host is None:
             if self.version == "1.1":
@@ -287,17 +291,33 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
             raise ParsingError("the Host header must be one host[:port]")
 
 
-@functools.lru_cache(maxsize=4)
-def _small_bodies(adj: Any) -> Any:
-    """The server's settings, with a body limit for small bodies."""
+@functools.lru_cache(maxsize=8)
+def _small_bodies(adj: Any, chunked: bool) -> Any:
+    """The server's settings, with a body limit for small bodies.
+
+    waitress refuses a body of ``max_request_body_size`` bytes or more, and
+    counts a chunked body's framing too (a body sent a byte a chunk takes
+    six bytes on the wire): a chunked one gets room for framing here, and
+    the application holds its decoded bytes to the limit
+    (:func:`dais_wsgi.bodies.whole_body`).
+    """
     small = copy.copy(adj)
-    # waitress refuses a body of this many bytes or more.
-    small.max_request_body_size = MAX_SMALL_BODY + 1
+    small.max_request_body_size = (
+        SMALL_CHUNKED_WIRE + 1 if chunked else MAX_SMALL_BODY + 1
+    )
     return small
+
+
+class _Timeout(WaitressError):  # type: ignore[misc]
+    """A request whose body did not arrive within its deadline."""
+
+    code = 408
+    reason = "Request Timeout"
 
 
 _ERROR_CODES = {
     400: "invalid_data",
+    408: "request_timeout",
     413: "too_large",
     431: "headers_too_large",
 }
@@ -321,7 +341,11 @@ class JsonErrorTask(ErrorTask):  # type: ignore[misc]
         elif code == 413:
             # waitress counts "this many bytes or more": name the real limit.
             limit = self.request.adj.max_request_body_size - 1
+            if not self.request.streamed:
+                limit = MAX_SMALL_BODY
             message = f"the body is over the limit of {limit} bytes"
+        elif code == 408:
+            message = "the request did not finish within its deadline"
         body = json.dumps(
             {
                 "error": _ERROR_CODES.get(code, "internal_error"),
@@ -524,7 +548,7 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
             return bool(super().readable())
         if time.monotonic() - request.started > self.request_timeout:
             if request.pipe is None:
-                self.will_close = True
+                self._time_out(request)
                 return False
             request.pipe.fail(
                 RequestTimeout("the request did not finish within its deadline")
@@ -532,6 +556,23 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
         if request.pipe is not None:
             return not (self.will_close or self.close_when_flushed or request.pipe.full)
         return bool(super().readable())
+
+    def _time_out(self, request: StreamingParser) -> None:
+        """End a request that is not streamed, past its deadline.
+
+        Stalled headers close the connection. A small body too slow to
+        arrive becomes a 408, answered after the answers still owed on this
+        connection (a request before it may still be with a worker), and
+        the connection then lingers and closes as after any refusal.
+        """
+        with self.requests_lock:
+            if not request.headers_finished:
+                self.will_close = True
+                return
+            request.error = _Timeout("the body did not arrive in time")
+            request.completed = True
+            request.timed_out = True
+            self._completed(request)
 
     def handle_read(self) -> None:
         """Read from the socket; a closed socket ends a streamed body."""
@@ -568,7 +609,8 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
         """Serve one request; stop reading a body the application left unread."""
         request = self.requests[0]
         super().service()
-        if request.pipe is not None and not request.completed:
+        unread = request.pipe is not None and not request.completed
+        if unread or request.timed_out:
             with self.requests_lock:
                 if self.request is request:
                     self.request = None

@@ -563,6 +563,23 @@ class TestRefusals:
         assert response.status == 400
         assert "nests too deeply" in response.json()["message"]
 
+    def test_a_chunked_body_is_held_to_its_decoded_size(self, platform, gateway):
+        """Framing does not count: 300 KB sent a byte a chunk is read and parsed."""
+        body = json.dumps(
+            {"key_id": "k" * 300_000, "method": "POST", "url": "/x"}
+        ).encode()
+        wire = b"".join(b"1\r\n%c\r\n" % byte for byte in body) + b"0\r\n\r\n"
+        port = int(gateway.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /admin/v1/explain HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" % platform.token.encode() + wire
+            )
+            head = sock.recv(200)
+        assert len(wire) > 1024 * 1024
+        assert head.startswith(b"HTTP/1.1 404 "), head  # parsed: no such key
+
     def test_a_lone_surrogate_anywhere_is_400(self, platform):
         """Text no store can encode is refused at the door, not as a 500."""
         response = platform.http.request(

@@ -464,6 +464,60 @@ class TestLargeUploads:
         assert filecmp.cmp(stored, source, shallow=False)
 
 
+def read_answers(sock: socket.socket, count: int) -> list[bytes]:
+    """Read ``count`` answers (each with a Content-Length); return their heads."""
+    data, heads = b"", []
+    while len(heads) < count:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {heads!r}"
+            data += chunk
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        while len(data) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "closed inside a body"
+            data += chunk
+        data = data[length:]
+        heads.append(head)
+    return heads
+
+
+class TestSmallBodyDeadlines:
+    """A small body too slow to arrive is a 408, after the answers owed."""
+
+    def test_a_dripping_small_body_is_answered_408(self, start_gateway):
+        """The deadline gives a JSON 408, not a silent close."""
+        gateway = start_gateway(request_timeout=1.0, **FAST)
+        with connect(gateway) as sock:
+            sock.sendall(
+                b"POST /app/login HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: 100\r\n\r\ntoken="
+            )
+            (head,) = read_answers(sock, 1)
+        assert head.startswith(b"HTTP/1.1 408 ")
+
+    def test_a_slow_call_before_it_still_gets_its_answer(self, start_gateway, upstream):
+        """A webhook call in progress is answered; the late body after it is 408."""
+        gateway = start_gateway(request_timeout=1.0, **FAST)
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/"),))
+        upstream.delay = 2.0
+        with connect(gateway) as sock:
+            sock.sendall(
+                b"POST /project-gateway/webhooks/p1/lineage-version/1/svc/x HTTP/1.1"
+                b"\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                b"Content-Length: 2\r\n\r\nhi"
+                b"POST /app/login HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: 100\r\n\r\ntoken=" % token.encode()
+            )
+            heads = read_answers(sock, 2)
+        assert [head.split()[1] for head in heads] == [b"200", b"408"]
+        assert len(upstream.calls) == 1
+
+
 class TestWholeSmallBodies:
     """A body that arrives with its head is not streamed; a later one is."""
 
