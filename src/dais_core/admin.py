@@ -114,9 +114,13 @@ def authenticate_admin(store: AdminStore, token: str | None, now: float) -> Admi
     admin = store.load_admin(admin_id)
     if admin is None or not secret_matches(secret, admin.secret_hash):
         raise Unauthenticated("the admin token is not known")
-    if admin.revoked is not None and admin.revoked <= now:
+    if _revoked(admin, now):
         raise Unauthenticated("the admin token has been revoked")
     return admin
+
+
+def _revoked(admin: AdminToken, now: float) -> bool:
+    return admin.revoked is not None and admin.revoked <= now
 
 
 def open_session(
@@ -152,7 +156,7 @@ def authenticate_session(
     if session.expires <= now:
         raise Unauthenticated("the session has ended; log in again")
     admin = store.load_admin(session.admin_id)
-    if admin is None or (admin.revoked is not None and admin.revoked <= now):
+    if admin is None or _revoked(admin, now):
         raise Unauthenticated("the admin token of this session has been revoked")
     return session, admin
 

@@ -16,6 +16,7 @@ from urllib.parse import quote, urlsplit
 import falcon
 
 from dais_core.admin import (
+    AdminSession,
     AdminToken,
     AuditRecord,
     authenticate_admin,
@@ -35,6 +36,7 @@ __all__ = [
     "Logout",
     "area_error",
     "bearer_admin",
+    "cookie_session",
     "presented_admin",
 ]
 
@@ -92,11 +94,8 @@ class Login:
         projects): it says so, and how to reach a project's page.
         """
         req.context.template = "area"
-        values = req.get_cookie_values(COOKIE)
         try:
-            _, admin = authenticate_session(
-                self.runtime.admin, values[0] if values else None, self.runtime.clock()
-            )
+            _, admin = cookie_session(req, self.runtime)
         except Unauthenticated:
             _form(resp, _safe_next(req.get_param("next")), "")
             return
@@ -164,13 +163,10 @@ class Logout:
         """
         req.context.template = "area"
         _same_origin(req, "the logout")
-        values = req.get_cookie_values(COOKIE)
         store = self.runtime.admin
         now = self.runtime.clock()
         try:
-            session, admin = authenticate_session(
-                store, values[0] if values else None, now
-            )
+            session, admin = cookie_session(req, self.runtime)
         except Unauthenticated:
             pass  # nothing to end: the cookie is dropped all the same
         else:
@@ -337,9 +333,20 @@ def presented_admin(req: falcon.Request, runtime: Runtime) -> AdminToken:
     """
     if req.get_header("Authorization") is not None:
         return bearer_admin(req, runtime)
+    return cookie_session(req, runtime)[1]
+
+
+def cookie_session(
+    req: falcon.Request, runtime: Runtime
+) -> tuple[AdminSession, AdminToken]:
+    """Return the session the ``dais_admin`` cookie holds, and its admin.
+
+    Raises:
+        Unauthenticated: No cookie, or not a live session.
+    """
     values = req.get_cookie_values(COOKIE)
     cookie = values[0] if values else None
-    return authenticate_session(runtime.admin, cookie, runtime.clock())[1]
+    return authenticate_session(runtime.admin, cookie, runtime.clock())
 
 
 def _render(project: str, keys: list[dict[str, Any]]) -> str:
