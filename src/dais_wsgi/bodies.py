@@ -1,11 +1,12 @@
 """Small request bodies (admin API, login form), read whole before parsing.
 
-Bodies reach the application as they arrive (:mod:`dais_wsgi.streaming`):
-one ``read()`` may return only the part already received, and a chunked
-body has no length for Falcon to go by. The admin API and the login form
-take small documents, so they read the body to its end first, within
-:data:`MAX_SMALL_BODY`, and then parse it with Falcon's handler for its
-media type.
+Falcon reads a body by its ``Content-Length``, so a chunked one would read
+as empty, and one ``read()`` of a body still arriving may return only a
+part of it (as under another WSGI server, or before
+:mod:`dais_wsgi.streaming` buffered these bodies whole). The admin API and
+the login form take small documents, so they read the body to its end
+first, within :data:`MAX_SMALL_BODY` decoded bytes, and then parse it with
+Falcon's handler for its media type.
 """
 
 from __future__ import annotations

@@ -334,22 +334,12 @@ class JsonErrorTask(ErrorTask):  # type: ignore[misc]
         """Write the error as JSON and close the connection after it."""
         error = self.request.error
         code, reason = error.code, error.reason
-        message = f"{reason}: {error.body}"
         if code in _AS_BAD_REQUEST:
             code, reason = 400, "Bad Request"
-            message = f"{reason}: {error.body}"
-        elif code == 413:
-            # waitress counts "this many bytes or more": name the real limit.
-            limit = self.request.adj.max_request_body_size - 1
-            if not self.request.streamed:
-                limit = MAX_SMALL_BODY
-            message = f"the body is over the limit of {limit} bytes"
-        elif code == 408:
-            message = "the request did not finish within its deadline"
         body = json.dumps(
             {
                 "error": _ERROR_CODES.get(code, "internal_error"),
-                "message": message,
+                "message": self._message(code, f"{reason}: {error.body}"),
             }
         ).encode()
         self.status = f"{code} {reason}"
@@ -361,6 +351,15 @@ class JsonErrorTask(ErrorTask):  # type: ignore[misc]
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
+
+    def _message(self, code: int, said: str) -> str:
+        if code == 413 and not self.request.streamed:
+            # waitress counts "this many bytes or more", framing included:
+            # name the limit the body is held to.
+            return f"the body is over the limit of {MAX_SMALL_BODY} bytes"
+        if isinstance(self.request.error, _Timeout):
+            return str(self.request.error.body)
+        return said
 
 
 class KeepAliveTask(WSGITask):  # type: ignore[misc]
@@ -569,7 +568,7 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
             if not request.headers_finished:
                 self.will_close = True
                 return
-            request.error = _Timeout("the body did not arrive in time")
+            request.error = _Timeout("the request did not finish within its deadline")
             request.completed = True
             request.timed_out = True
             self._completed(request)
