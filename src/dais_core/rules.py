@@ -108,7 +108,8 @@ def check_text(value: str, what: str, limit: int, *, lines: bool = False) -> str
         lines: Allow tabs and line breaks.
 
     Raises:
-        InvalidData: Longer than ``limit``, or holding control characters.
+        InvalidData: Longer than ``limit``, holding control or invisible
+            characters (see ``_UNPRINTABLE``), or a lone UTF-16 surrogate.
     """
     if len(value) > limit:
         raise InvalidData(f"{what} is longer than {limit} characters")
@@ -128,8 +129,8 @@ def check_key_details(label: str, request: KeyRequest) -> None:
     """Check a key's label and the record of who asked for it and why.
 
     Raises:
-        InvalidData: A field too long or holding control characters, or too
-            many app ids.
+        InvalidData: A field too long or not printable text (see
+            :func:`check_text`), too many app ids, or one that is no name.
     """
     check_text(label, "the label", MAX_LABEL)
     check_text(request.requestor, "the requestor", MAX_DETAIL)

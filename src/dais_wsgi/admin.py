@@ -3,9 +3,10 @@
 Admin tokens come as ``Authorization: Bearer daisadm_...``, the only
 credential ``/admin/v1`` takes. A browser that logged in at ``/app/login``
 holds a session in the ``dais_admin`` cookie (HttpOnly, SameSite=Strict)
-instead, never the token itself, and it opens the project area only. Request bodies are structured with cattrs into frozen
-attrs classes, so an unknown or mistyped field is a 400, never ignored.
-Every change is recorded in the audit log.
+instead, never the token itself, and it opens the project area only.
+Request bodies are read whole (:mod:`dais_wsgi.bodies`) and structured with
+cattrs into frozen attrs classes, so an unknown or mistyped field is a 400,
+never ignored. Every change is recorded in the audit log.
 """
 
 from __future__ import annotations
