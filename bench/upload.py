@@ -18,7 +18,8 @@ hits every case alike:
   ``dais_wsgi.server.create_server`` by a wrapper that passes the very options
   ``make_server`` builds to ``waitress.server.create_server`` with the sink as
   the app, and ``make_server`` then sets ``StreamingChannel`` and the request
-  deadline as usual. Like the upload handler, it reads the body on a thread
+  deadline as usual. The sink is posted to an upload path, so that its body
+  streams as an upload's does. Like the upload handler, it reads the body on a thread
   allowed every CPU (``serve`` keeps its other threads on one). No disk, no
   multipart parsing, no hashing: the ceiling of the HTTP stack on these
   settings.
@@ -31,6 +32,10 @@ hits every case alike:
   The answer must be 200 with the file's size and SHA-256.
 - ``cp + sync``: ``cp FILE DEST`` then ``sync DEST DEST_FOLDER`` (GNU ``sync``
   with arguments fsyncs those files), on the same disk.
+- ``dd direct``: ``dd if=FILE of=DEST bs=1M oflag=direct`` then the same
+  ``sync``: the file written past the page cache in 1 MiB blocks, as the
+  File Manager writes its staged copies. This is the disk's own pace for a
+  durable copy, and no server that keeps the file can beat it.
 
 What the times include. Each time is the wall clock around the client
 processes. For the HTTP cases that is curl's whole run: connect, headers, the
@@ -38,8 +43,9 @@ processes. For the HTTP cases that is curl's whole run: connect, headers, the
 answer; for the gateway the answer comes only after the server has parsed the
 multipart body, hashed it, written the staged copy, fsynced it, renamed it
 into place, fsynced the folder and recorded the publish in SQLite. For
-``cp + sync`` it is ``cp`` plus the fsync of the copy and of its folder, the
-same durability the gateway gives. The raw sink writes nothing.
+``cp + sync`` and ``dd direct`` it is the copy plus the fsync of the copy and
+of its folder, the same durability the gateway gives. The raw sink writes
+nothing.
 
 Every case starts from the same state (outside the timing): the source file is
 read once, so that it comes from the page cache in every case; ``os.sync()``
@@ -59,10 +65,10 @@ median of the runs:
 - ``MiB/s``: file bytes (not multipart framing) per second of wall time.
 - ``srv CPU`` / ``cli CPU``: CPU seconds of the server process (user +
   system, from ``/proc/PID/stat``) and of the client processes (curl, or
-  cp + sync, from ``wait4``). On a small machine client and server share the
-  cores. ``oth CPU``: the CPU seconds the rest of the machine was busy during
-  the case (``/proc/stat`` minus the two); well above zero means other work
-  competed for the cores and the run is noisy.
+  cp or dd and sync, from ``wait4``). On a small machine client and server
+  share the cores. ``oth CPU``: the CPU seconds the rest of the machine was
+  busy during the case (``/proc/stat`` minus the two); well above zero means
+  other work competed for the cores and the run is noisy.
 - ``idle MiB`` / ``peak+ MiB``: the server's ``VmRSS`` before its first
   upload, and how far ``VmHWM`` (the peak resident set, reset before each
   upload through ``/proc/PID/clear_refs`` when the kernel allows it) rose
@@ -76,7 +82,8 @@ median of the runs:
   divided by the file size; it adds file-system metadata and journal writes
   and anything else the machine wrote meanwhile, so it is only a cross-check.
 
-Then the ratios (gateway / raw sink, gateway / cp + sync) and the two targets:
+Then the ratios (gateway / raw sink, gateway / cp + sync, gateway / dd
+direct) and the two targets:
 the gateway moves at least 0.5 x the raw sink's throughput, and its peak RSS
 stays under 64 MiB over idle whatever the size.
 
@@ -89,9 +96,11 @@ as the File Manager's staged copies do, so it is left out (``cp + sync``
 spends the CPU printed beside it, through the page cache). Spread perfectly
 over all cores, with no other cost at all, it still takes that CPU divided
 by the cores. ``no upload server here can beat R x the raw sink``
-reports the raw sink's time over that; when R is under 0.5, the throughput
-target cannot be met on this machine by any design, only on one with more
-cores. ``--check`` makes a missed target an exit status of 1; ``--json PATH``
+reports the raw sink's time over that. The disk sets a second bound: no
+server that stores the file beats ``dd direct``, so the script also prints
+dd direct's throughput over the raw sink's. When the smaller of the two is
+under 0.5, the throughput target cannot be met on this machine by any
+design, only on one with more cores or a faster disk. ``--check`` makes a missed target an exit status of 1; ``--json PATH``
 writes every figure.
 
 Bounds: only 127.0.0.1, fixed sizes (at most 4 GiB), ``--time-cap`` seconds
@@ -133,6 +142,10 @@ START_TIMEOUT = 30.0
 RSS_TARGET_MIB = 64.0
 RATIO_TARGET = 0.5
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+#: An upload path: only webhook calls and uploads stream their bodies; the
+#: server reads any other body whole, up to 1 MiB, before the app sees it.
+RAW_SINK_PATH = "/integration/v1/resources/raw"
 
 #: Run as ``python -c RAW_SINK OPTIONS_JSON --home H serve --port 0``: the
 #: ``serve`` command with its WSGI app, and nothing else, replaced by a sink.
@@ -502,27 +515,44 @@ def upload(
     return sample, answer
 
 
-def copy_with_cp(
+#: How each copying case writes ``{source}`` to ``{target}``, before ``sync``.
+COPIERS = {
+    "cp + sync": ["cp", "{source}", "{target}"],
+    # Past the page cache in 1 MiB writes, as the File Manager's staged copies.
+    "dd direct": [
+        "dd",
+        "if={source}",
+        "of={target}",
+        "bs=1M",
+        "oflag=direct",
+        "status=none",
+    ],
+}
+
+
+def copy_with(
+    case: str,
     source: Path,
     target: Path,
     deadline: Deadline,
     device: Path | None,
     previous: Path | None,
 ) -> Sample:
-    """``cp`` the file, then fsync the copy and its folder with ``sync``."""
+    """Copy the file as ``case`` says, then fsync the copy and its folder."""
     prepare(source, previous)
+    argv = [a.format(source=source, target=target) for a in COPIERS[case]]
     dev0 = sectors_written(device)
     busy0 = machine_busy()
-    cp = run_child(["cp", str(source), str(target)], deadline.left(), None)
+    cp = run_child(argv, deadline.left(), None)
     synced = run_child(["sync", str(target), str(target.parent)], deadline.left(), None)
     busy1 = machine_busy()
     dev1 = sectors_written(device)
     size = source.stat().st_size
     seconds = cp.wall + synced.wall
     if target.stat().st_size != size:
-        raise BenchError("cp produced a copy of the wrong size")
+        raise BenchError(f"{case} produced a copy of the wrong size")
     return Sample(
-        case="cp + sync",
+        case=case,
         run=0,
         seconds=seconds,
         mib_s=size / MiB / seconds,
@@ -532,7 +562,7 @@ def copy_with_cp(
         device_writes_per_byte=None
         if dev0 is None or dev1 is None
         else (dev1 - dev0) * 512 / size,
-        extra={"cp_seconds": cp.wall, "sync_seconds": synced.wall},
+        extra={"copy_seconds": cp.wall, "sync_seconds": synced.wall},
     )
 
 
@@ -659,6 +689,7 @@ def environment(workdir: Path) -> dict[str, Any]:
         "falcon": metadata.version("falcon"),
         "curl": tool_version(["curl", "--version"]),
         "cp": tool_version(["cp", "--version"]),
+        "dd": tool_version(["dd", "--version"]),
         "filesystem": f"{fstype} at {mount}",
     }
 
@@ -743,7 +774,8 @@ def bench(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> int:
             gateway.name: status_kib(gateway.pid, "VmRSS"),
             raw.name: status_kib(raw.pid, "VmRSS"),
         }
-        samples: dict[str, list[Sample]] = {raw.name: [], gateway.name: [], "cp": []}
+        samples: dict[str, list[Sample]] = {raw.name: [], gateway.name: []}
+        samples |= {case: [] for case in COPIERS}
         hash_cpu: list[float] = []
         print()
         print(HEADER)
@@ -752,7 +784,7 @@ def bench(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> int:
         shutil.copyfile(source, cp_folder / "initial.bin")
         for run in range(1, args.runs + 1):
             sample, answer = upload(
-                raw, "/raw", source, None, workdir, deadline, device, None
+                raw, RAW_SINK_PATH, source, None, workdir, deadline, device, None
             )
             if answer.get("received", 0) < size:
                 raise BenchError(f"the raw sink received only {answer}")
@@ -780,12 +812,13 @@ def bench(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> int:
             samples[gateway.name].append(sample)
             print(sample_line(sample, idle[gateway.name]), flush=True)
 
-            target = cp_folder / name
-            sample = copy_with_cp(source, target, deadline, device, previous)
-            previous = target
-            sample.run = run
-            samples["cp"].append(sample)
-            print(sample_line(sample, None), flush=True)
+            for case in COPIERS:
+                target = cp_folder / f"{case[:2]}-{name}"
+                sample = copy_with(case, source, target, deadline, device, previous)
+                previous = target
+                sample.run = run
+                samples[case].append(sample)
+                print(sample_line(sample, None), flush=True)
             hash_cpu.append(hash_cpu_seconds(size))
         leftovers = list((filemanager / ".dais-staging").glob("*"))
         if leftovers:
@@ -802,9 +835,9 @@ def bench(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> int:
     summaries = [
         summarise(raw.name, samples[raw.name], idle[raw.name]),
         summarise(gateway.name, samples[gateway.name], idle[gateway.name]),
-        summarise("cp + sync", samples["cp"], None),
+        *(summarise(case, samples[case], None) for case in COPIERS),
     ]
-    raw_s, gw_s, cp_s = summaries
+    raw_s, gw_s, cp_s, dd_s = summaries
     print()
     print("median of the runs (peak+ is the largest of the runs):")
     print(HEADER)
@@ -825,6 +858,7 @@ def bench(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> int:
     print()
     print(f"gateway / raw sink  : {ratio_raw:.2f} x")
     print(f"gateway / cp + sync : {ratio_cp:.2f} x")
+    print(f"gateway / dd direct : {gw_s.mib_s / dd_s.mib_s:.2f} x")
     print(f"raw sink / cp + sync: {raw_s.mib_s / cp_s.mib_s:.2f} x")
     ok_ratio = ratio_raw >= RATIO_TARGET
     ok_rss = peak is not None and peak < RSS_TARGET_MIB
@@ -842,7 +876,7 @@ def bench(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> int:
         f"{gw_s.proc_writes_per_byte:.3f} "
         "(1.00 = each byte of the file written to disk once)"
     )
-    bound = print_bound(raw_s, cp_s, statistics.median(hash_cpu))
+    bound = print_bound(raw_s, cp_s, dd_s, statistics.median(hash_cpu))
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -864,8 +898,10 @@ def bench(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> int:
     return 1 if args.check and not (ok_ratio and ok_rss) else 0
 
 
-def print_bound(raw: Summary, cp: Summary, hash_cpu: float) -> dict[str, float]:
-    """Print the best ratio to the raw sink that this machine's cores allow.
+def print_bound(
+    raw: Summary, cp: Summary, dd: Summary, hash_cpu: float
+) -> dict[str, float]:
+    """Print the best ratio to the raw sink that this machine allows.
 
     Any upload server must at least receive the body as the raw sink does
     (its server and curl CPU) and hash every byte. Writing every byte once
@@ -874,12 +910,17 @@ def print_bound(raw: Summary, cp: Summary, hash_cpu: float) -> dict[str, float]:
     Spread perfectly over every core, with no other cost at all (no
     multipart parsing, no Python), that CPU still takes ``floor / cores``
     seconds.
+
+    And every byte must reach the disk: no server that keeps the file can
+    store it faster than ``dd`` writes it past the cache and fsyncs it.
     """
     cores = len(os.sched_getaffinity(0))
     receive_cpu = (raw.server_cpu or 0.0) + raw.client_cpu
     floor_cpu = receive_cpu + hash_cpu
     best_seconds = max(raw.seconds, floor_cpu / cores)
-    best = raw.seconds / best_seconds
+    cpu_best = raw.seconds / best_seconds
+    disk_best = dd.mib_s / raw.mib_s
+    best = min(cpu_best, disk_best)
     print(
         f"least work per file: receiving as the raw sink does {receive_cpu:.2f} "
         f"CPU s (server + curl), SHA-256 {hash_cpu:.2f} CPU s (median); writing "
@@ -888,13 +929,24 @@ def print_bound(raw: Summary, cp: Summary, hash_cpu: float) -> dict[str, float]:
     print(
         f"bound on {cores} cores: at least {floor_cpu:.2f} CPU s / {cores} = "
         f"{floor_cpu / cores:.2f} s per file, so no upload server here can beat "
-        f"{best:.2f} x the raw sink (target {RATIO_TARGET} x)"
+        f"{cpu_best:.2f} x the raw sink"
+    )
+    print(
+        f"bound of the disk: dd direct stores {dd.mib_s:.0f} MiB/s, so no upload "
+        f"server that keeps the file on this disk can beat {disk_best:.2f} x the "
+        "raw sink"
+    )
+    print(
+        f"best ratio this machine allows: {best:.2f} x (target {RATIO_TARGET} x, "
+        f"{'within reach' if best >= RATIO_TARGET else 'out of reach here'})"
     )
     return {
         "cores": cores,
         "receive_cpu": receive_cpu,
         "hash_cpu": hash_cpu,
         "cp_write_cpu": cp.client_cpu,
+        "cpu_best_ratio": cpu_best,
+        "disk_best_ratio": disk_best,
         "best_ratio": best,
     }
 
