@@ -299,6 +299,7 @@ class _Publication:
             if expected_sha256 is not None and expected_sha256 != digest:
                 raise InvalidData(
                     "the file's SHA-256 does not match the digest sent with it",
+                    size=size,
                     sha256=digest,
                 )
             if inspector is not None:

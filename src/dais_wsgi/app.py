@@ -355,6 +355,8 @@ class UploadSink:
         started = time.perf_counter()
         runtime.uploads_in_flight.acquire(key_id)
         outcome, result = "failed", None
+        # What is known of the file, should the publish fail after reading it.
+        received: dict[str, Any] = {}
         try:
             result = publish(
                 resource_id,
@@ -370,10 +372,13 @@ class UploadSink:
             req.context.metrics.uploaded.inc(result.size)
         except DaisError as exc:
             outcome = exc.code
+            received = exc.detail
             raise
         finally:
             runtime.uploads_in_flight.release(key_id)
-            self._record(req, key_id, resource_id, target, result, outcome, started)
+            if result is not None:
+                received = {"size": result.size, "sha256": result.sha256}
+            self._record(req, key_id, resource_id, target, received, outcome, started)
         return result
 
     def _boundary(self, req: falcon.Request) -> bytes:
@@ -392,15 +397,16 @@ class UploadSink:
         key_id: str,
         resource_id: str,
         target: Any,
-        result: Any,
+        received: dict[str, Any],
         outcome: str,
         started: float,
     ) -> None:
+        size, sha256 = received.get("size"), received.get("sha256")
         record = PublishRecord(
             key_id=key_id,
             resource=resource_id,
-            size=result.size if result else 0,
-            sha256=result.sha256 if result else "",
+            size=size if isinstance(size, int) else 0,
+            sha256=sha256 if isinstance(sha256, str) else "",
             locations=tuple(loc.uri for loc in target.locations),
             outcome=outcome,
             duration=time.perf_counter() - started,

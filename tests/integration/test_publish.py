@@ -295,6 +295,11 @@ class TestLimitsAndRecords:
         assert (latest_ok["size"], latest_ok["request_id"]) == (5, "req-1")
         assert latest_ok["sha256"] == hashlib.sha256(b"12345").hexdigest()
         assert latest_ok["locations"] == ["filemanager://p1/x"]
+        refused = records[0]
+        assert (refused["size"], refused["sha256"]) == (
+            1,
+            hashlib.sha256(b"1").hexdigest(),
+        )
 
     def test_uploads_in_flight_are_capped_per_key(self, start_gateway):
         """With one upload of a key still streaming, the next one is 429."""
