@@ -41,7 +41,9 @@ from typing import Any
 
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
+from waitress.receiver import ChunkedReceiver
 from waitress.task import ErrorTask, WSGITask
+from waitress.utilities import BadRequest
 from waitress.utilities import Error as WaitressError
 
 from dais_core.errors import DaisError, IncompleteBody, RequestTimeout, TooLarge
@@ -72,6 +74,9 @@ GATEWAY_PATH = "/project-gateway/"
 STREAMED_PATHS = (GATEWAY_PATH, "/integration/")
 #: Bytes on the wire a small chunked body may take, framing included.
 SMALL_CHUNKED_WIRE = 8 * MAX_SMALL_BODY
+#: The longest chunk-size line (size and extensions) of a chunked body.
+#: waitress keeps an unfinished line in memory, however long it grows.
+MAX_CHUNK_LINE = 4096
 
 
 class BodyPipe:
@@ -257,9 +262,16 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
     ``Transfer-Encoding`` is refused (400) and its connection closed: the
     two framings disagree, and passing either on is how requests are
     smuggled past a proxy (RFC 9112, section 6.1).
+
+    waitress keeps a chunked body's unfinished chunk-size line, and its
+    unfinished trailer, in memory with no bound, even where the body itself
+    has none (a streamed upload): a line over :data:`MAX_CHUNK_LINE` bytes,
+    or a trailer over the header limit, ends the request as malformed.
     """
 
     adj: Any
+    completed: bool
+    error: Any
     pipe: BodyPipe | None = None
     wants_continue = False
     streamed = False
@@ -268,6 +280,21 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
     def __init__(self, adj: Any) -> None:
         super().__init__(adj)
         self.started = time.monotonic()
+
+    def received(self, data: bytes) -> int:
+        """Parse bytes of the request; refuse a runaway chunk framing line."""
+        consumed: int = super().received(data)
+        chunks = self.body_rcv
+        if isinstance(chunks, ChunkedReceiver) and not self.completed:
+            if len(chunks.control_line) > MAX_CHUNK_LINE:
+                self.error = BadRequest(
+                    f"a chunk-size line is over {MAX_CHUNK_LINE} bytes"
+                )
+                self.completed = True
+            elif len(chunks.trailer) > self.adj.max_request_header_size:
+                self.error = BadRequest("the chunked body's trailer is too large")
+                self.completed = True
+        return consumed
 
     def parse_header(self, header_plus: bytes) -> None:
         """Parse the head; note whether the body streams; refuse bad framing.
@@ -381,10 +408,13 @@ class KeepAliveTask(WSGITask):  # type: ignore[misc]
         on the headers) closes the connection, and says so: the rest of the
         body is not read, only drained for a moment (see
         :meth:`StreamingChannel.service`), and a client that took the
-        connection as kept would send its next request into the close.
+        connection as kept would send its next request into the close. So
+        does an answer to a body whose framing broke (a bad chunk, one cut
+        off over the limit): where it ended is unknown, so what follows it
+        is never read as a request (RFC 9112, section 6.3).
         """
         request = self.request
-        if getattr(request, "pipe", None) is not None and not request.completed:
+        if _body_unfinished(request):
             self.set_close_on_finish()
         if _asks_to_close(request.headers.get("CONNECTION", "")):
             # waitress closes for "close" alone; RFC 9112, section 9.6, for
@@ -405,6 +435,13 @@ class KeepAliveTask(WSGITask):  # type: ignore[misc]
         # connection for one reason only: the answer has no length.
         if not self._bodiless_keep:
             super().set_close_on_finish()
+
+
+def _body_unfinished(request: Any) -> bool:
+    """Whether a streamed body is still coming, or broke off."""
+    return getattr(request, "pipe", None) is not None and (
+        not request.completed or request.error is not None
+    )
 
 
 def _asks_to_close(connection: str) -> bool:
@@ -608,8 +645,7 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
         """Serve one request; stop reading a body the application left unread."""
         request = self.requests[0]
         super().service()
-        unread = request.pipe is not None and not request.completed
-        if unread or request.timed_out:
+        if _body_unfinished(request) or request.timed_out:
             with self.requests_lock:
                 if self.request is request:
                     self.request = None

@@ -277,6 +277,57 @@ class TestChunked:
         assert wait_until_empty(gateway) == []
 
 
+def raw_chunked_upload_head(gateway: Gateway, token: str, resource: str) -> bytes:
+    """The headers of a chunked upload, and its first chunk: the part's head."""
+    boundary = "b0undary"
+    opening = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="data"; '
+        f'filename="x"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    ).encode()
+    head = (
+        f"POST /integration/v1/resources/{resource} HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    return head + b"%x\r\n" % len(opening) + opening + b"\r\n"
+
+
+class TestChunkFraming:
+    """A chunked body's framing is bounded, and a broken one ends the connection."""
+
+    @pytest.mark.parametrize(
+        "framing",
+        [
+            pytest.param(b"1" * MiB, id="endless-size-line"),
+            pytest.param(b"0\r\nX-Trailer: " + b"t" * MiB, id="endless-trailer"),
+        ],
+    )
+    def test_a_runaway_framing_line_is_400(self, gateway, grant, framing):
+        """The line is not kept growing in memory: 400, nothing staged or written."""
+        with connect(gateway) as sock:
+            sock.sendall(raw_chunked_upload_head(gateway, grant[1], "big/x"))
+            time.sleep(0.2)  # the body now streams to the upload
+            with contextlib.suppress(OSError):
+                sock.sendall(framing)
+            assert read_status(sock) == 400
+        assert not (gateway.filemanager / "p1/big/x").exists()
+        assert wait_until_empty(gateway) == []
+
+    def test_a_bad_chunk_ends_the_connection(self, gateway, grant):
+        """What follows broken framing is never read as a request of its own."""
+        with connect(gateway) as sock:
+            sock.sendall(raw_chunked_upload_head(gateway, grant[1], "big/x"))
+            time.sleep(0.2)
+            sock.sendall(b"zz\r\n")
+            head = read_answer(sock)
+            assert head.startswith(b"HTTP/1.1 400 ")
+            assert b"\r\nConnection: close\r\n" in head
+            with contextlib.suppress(OSError):
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert closed_by_server(sock)
+
+
 class TestDeadlinesAndDisconnects:
     """Slow or vanished clients leave nothing behind."""
 
