@@ -46,6 +46,7 @@ from dais_core.values import Credential, ForwardRecord, PublishRecord
 from dais_wsgi.admin import add_admin_routes
 from dais_wsgi.affinity import widened
 from dais_wsgi.area import area_error
+from dais_wsgi.bodies import strict_json
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.metrics import Health, Metrics, MetricsResource, Readiness
 
@@ -575,6 +576,9 @@ def create_app(runtime: Runtime) -> falcon.App[falcon.Request, falcon.Response]:
     """Build the WSGI application over a wired runtime."""
     metrics = Metrics(runtime)
     app = falcon.App(middleware=[AccessLog(metrics)])
+    app.req_options.media_handlers[falcon.MEDIA_JSON] = falcon.media.JSONHandler(
+        loads=strict_json
+    )
     app.req_options.strip_url_path_trailing_slash = False
     app.add_error_handler(Exception, _handle_unexpected)
     app.add_error_handler(falcon.HTTPError, _handle_http_error)

@@ -397,8 +397,21 @@ class TestRefusals:
             ),
             ('{"project": "p1", "label": "\\ud800"}', "lone UTF-16 surrogate"),
             ('{"project": "p1", "app_ids": "p1p2"}', "expected list"),
+            ('{"project": "p1", "label": "a", "label": "b"}', "'label' twice"),
+            (
+                '{"project": "p1", "permissions": [{"service": "s", '
+                '"prefix": "/", "prefix": "/x"}]}',
+                "'prefix' twice",
+            ),
         ],
-        ids=["long-label", "escape", "lone-surrogate", "app-ids-string"],
+        ids=[
+            "long-label",
+            "escape",
+            "lone-surrogate",
+            "app-ids-string",
+            "duplicate-key",
+            "nested-duplicate-key",
+        ],
     )
     def test_key_metadata_is_checked(self, platform, raw, said):
         """Overlong or unprintable metadata, or a mistyped list, is a 400."""
