@@ -351,6 +351,8 @@ _ERROR_CODES = {
 # waitress answers an unknown transfer coding with 501; for this service it
 # is a malformed request like any other, so it is a 400.
 _AS_BAD_REQUEST = {501}
+# Status names as RFC 9110 gives them, where waitress uses older ones.
+_REASONS = {413: "Content Too Large"}
 
 
 class JsonErrorTask(ErrorTask):  # type: ignore[misc]
@@ -363,6 +365,7 @@ class JsonErrorTask(ErrorTask):  # type: ignore[misc]
         code, reason = error.code, error.reason
         if code in _AS_BAD_REQUEST:
             code, reason = 400, "Bad Request"
+        reason = _REASONS.get(code, reason)
         body = json.dumps(
             {
                 "error": _ERROR_CODES.get(code, "internal_error"),
