@@ -61,10 +61,23 @@ _DROPPED = frozenset(
         "x-rewrite-url",
         "x-original-uri",
         "x-override-url",
+        "x-original-path",
+        "x-request-uri",
+        "x-envoy-original-path",
         # Host overrides: the upstream learns the caller's host from
         # X-Forwarded-Host, which the gateway sets itself.
         "x-original-host",
         "x-host",
+        # Client address claims: the upstream learns the caller's address
+        # from X-Forwarded-For, which the gateway sets (or extends, from a
+        # trusted proxy) itself.
+        "client-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-envoy-external-address",
         # CGI-style upstreams would read it as HTTP_PROXY ("httpoxy").
         "proxy",
     }

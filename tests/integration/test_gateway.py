@@ -616,6 +616,9 @@ class TestSmugglingAndOverrides:
             "X-Rewrite-URL",
             "X-Original-URI",
             "X-Override-URL",
+            "X-Original-Path",
+            "X-Request-URI",
+            "X-Envoy-Original-Path",
             "X-Original-Host",
             "X-Host",
         ],
@@ -633,6 +636,33 @@ class TestSmugglingAndOverrides:
         )
         assert upstream.calls[-1].target == "/api/webhook"
         assert name.lower() not in upstream.calls[-1].headers
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "Client-IP",
+            "True-Client-IP",
+            "X-Client-IP",
+            "X-Cluster-Client-IP",
+            "CF-Connecting-IP",
+            "Fastly-Client-IP",
+            "X-Envoy-External-Address",
+        ],
+    )
+    def test_client_address_claims_are_dropped(self, http, gateway, upstream, name):
+        """The upstream learns the caller's address from X-Forwarded-For only."""
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/api/webhook"),))
+        call(
+            http,
+            gateway,
+            token,
+            f"{BASE}/p1/lineage-version/1/svc/api/webhook",
+            headers={name: "10.0.0.1"},
+        )
+        seen = upstream.calls[-1].headers
+        assert name.lower() not in seen
+        assert seen["x-forwarded-for"] == "127.0.0.1"
 
     def test_the_query_is_forwarded_as_sent(self, gateway, upstream, caller):
         """The query reaches the upstream byte for byte: nothing decoded or added."""
