@@ -77,6 +77,14 @@ _CANONICAL_SAFE = "-._~!$&'()*+,=:@"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _DRIVE = re.compile(r"[A-Za-z]:")
 _FORBIDDEN_IN_SEGMENT = frozenset("/\\%;")
+# Characters that NFKC leaves alone but that Windows' "best fit" code page
+# conversion (or a font) turns into '/' or '\\': an upstream that converts
+# would read them as separators the permission never saw.
+_SEPARATOR_LOOKALIKES = frozenset(
+    "\u2044\u2215\u2571\u27cb\u29f8"  # fraction, division, diagonal, big solidus
+    "\u2216\u2572\u27cd\u29f5\u29f9"  # set minus, reverse diagonals, solidi
+    "\u00a5\u20a9"  # yen and won signs: '\\' in Japanese and Korean code pages
+)
 
 
 def check_name(value: str, what: str) -> str:
@@ -249,6 +257,11 @@ def _decoded_segment(raw: str) -> str:
         raise InvalidRoute(
             "encoded '/', '\\', '%', ';' or control characters are not allowed "
             "in a route"
+        )
+    if any(ch in _SEPARATOR_LOOKALIKES for ch in decoded):
+        raise InvalidRoute(
+            "characters that read as '/' or '\\' once converted (division or "
+            "fraction slash, set minus, yen or won sign) are not allowed in a route"
         )
     if unicodedata.normalize("NFKC", decoded) != decoded:
         raise InvalidRoute("route segment is not in Unicode normal form NFKC")

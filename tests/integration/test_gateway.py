@@ -253,6 +253,8 @@ class TestRefusals:
             ("/p1/lineage-version/3/svc/api/webhook%2f..%2fadmin", 400),
             ("/p1/lineage-version/3/svc/api/webhook/a%5cb", 400),
             ("/p1/lineage-version/3/svc/api/webhook/%252e%252e", 400),
+            ("/p1/lineage-version/3/svc/api/webhook/..%E2%88%95admin", 400),
+            ("/p1/lineage-version/3/svc/api/webhook/..%C2%A5admin", 400),
             ("/p1/lineage-version/3/svc/api/webhook/a%00", 400),
             ("/p1/lineage-version/3/svc/api/webhook;x=1/a", 400),
             ("/p1/lineage-version/3/svc/api//webhook", 400),
