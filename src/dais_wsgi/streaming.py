@@ -272,6 +272,8 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
     adj: Any
     completed: bool
     error: Any
+    proxy_scheme: str
+    proxy_netloc: str
     pipe: BodyPipe | None = None
     wants_continue = False
     streamed = False
@@ -300,7 +302,10 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
         """Parse the head; note whether the body streams; refuse bad framing.
 
         Refused: a request framed two ways at once, an HTTP/1.1 request with
-        no ``Host``, and a ``Host`` that is not one host[:port].
+        no ``Host``, a ``Host`` that is not one host[:port], and a target in
+        absolute form that is not ``http`` or ``https`` with such a host.
+        An absolute target's host is the request's host (RFC 9112, section
+        3.3), whatever ``Host`` says.
         """
         super().parse_header(header_plus)
         if self.chunked and "CONTENT_LENGTH" in self.headers:
@@ -309,6 +314,15 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
         self.streamed = str(self.path).startswith(STREAMED_PATHS)
         if not self.streamed:
             self.adj = _small_bodies(self.adj, bool(self.chunked))
+        if self.proxy_scheme or self.proxy_netloc:
+            authority = str(self.proxy_netloc)
+            if str(self.proxy_scheme).lower() not in {"http", "https"} or not (
+                authority and valid_host(authority)
+            ):
+                raise ParsingError(
+                    "an absolute request target must be http(s)://host[:port]/path"
+                )
+            self.headers["HOST"] = authority
         host = self.headers.get("HOST")
         if host is None:
             if self.version == "1.1":

@@ -137,6 +137,44 @@ class TestForwarding:
         assert response.status == 200
         assert upstream.calls[-1].headers.get("x-forwarded-host") == forwarded
 
+    def test_an_absolute_target_names_the_host(self, gateway, upstream, caller):
+        """http://host/... is taken (RFC 9112, 3.2.2): its host, not Host, counts."""
+        path = f"{BASE}/p1/lineage-version/3/svc/api/webhook"
+        answer = exchange(
+            gateway,
+            f"POST http://example.org:8443{path} HTTP/1.1\r\nHost: other\r\n"
+            f"Authorization: Bearer {caller}\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n".encode(),
+        )
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert upstream.calls[-1].target == "/api/webhook"
+        assert upstream.calls[-1].headers["x-forwarded-host"] == "example.org:8443"
+
+    @pytest.mark.parametrize(
+        "prefix",
+        [
+            "ftp://example.org",
+            "gopher://example.org",
+            "x:",
+            "http:",
+            "http://user:pw@example.org",
+            "http://exa mple.org",
+        ],
+    )
+    def test_an_absolute_target_of_another_kind_is_400(
+        self, gateway, upstream, caller, prefix
+    ):
+        """Only http(s)://host[:port] is a target this server takes."""
+        path = f"{BASE}/p1/lineage-version/3/svc/api/webhook"
+        answer = exchange(
+            gateway,
+            f"POST {prefix}{path} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {caller}\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n".encode(),
+        )
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert upstream.calls == []
+
     def test_a_proxy_header_is_not_passed_on(self, http, gateway, upstream, caller):
         """``Proxy`` would become HTTP_PROXY in a CGI-style upstream (httpoxy)."""
         response = call(
