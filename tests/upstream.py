@@ -109,6 +109,8 @@ class RawUpstream:
         late: Bytes sent 0.1 s after each answer, on the open connection.
         pace: Seconds between the answer's bytes, sent one at a time (0 sends
             it at once).
+        first: Bytes sent at once before the answer (a status line, say,
+            before a paced head).
     """
 
     def __init__(
@@ -118,8 +120,10 @@ class RawUpstream:
         answers: int | None = None,
         late: bytes = b"",
         pace: float = 0.0,
+        first: bytes = b"",
     ) -> None:
         self.answer = answer
+        self.first = first
         self.pace = pace
         self.close_after = close_after
         self.answers = answers
@@ -151,6 +155,8 @@ class RawUpstream:
             self._converse(conn)
 
     def _send(self, conn: socket.socket) -> None:
+        if self.first:
+            conn.sendall(self.first)
         if not self.pace:
             conn.sendall(self.answer)
             return

@@ -221,6 +221,11 @@ class Urllib3Forwarder:
             # An upstream may send a body after a HEAD answer anyway; those
             # bytes would be read as the next call's answer.
             _discard(response, request.method != "HEAD", deadline)
+        if deadline.expired:
+            # The cut came while the head was read: http.client takes the
+            # end of the stream for the end of the head, so the status it
+            # read came with a head that never arrived whole.
+            raise UpstreamTimeout("the upstream service did not answer in time")
         # The query may carry the caller's data: the log gets the path only.
         log.debug("%s %s -> %d", request.method, url.path, response.status)
         return response.status

@@ -416,6 +416,23 @@ class TestConnections:
         finally:
             raw.close()
 
+    def test_a_head_dripped_after_its_status_line_is_a_timeout(self, make):
+        """The status came in time, the head did not: no status to relay."""
+        raw = RawUpstream(
+            b"X-Pad: " + b"a" * 40 + b"\r\nContent-Length: 0\r\n\r\n",
+            first=b"HTTP/1.1 200 OK\r\n",
+            pace=0.4,
+        )
+        try:
+            forwarder = make(connect_timeout=1.0, read_timeout=1.0)
+            started = time.monotonic()
+            with pytest.raises(UpstreamTimeout):
+                send(forwarder, raw.url + "/x", body=None)
+            # The cap is connect + read: 2 s, with slack; the head takes 24 s.
+            assert time.monotonic() - started < 5.0
+        finally:
+            raw.close()
+
     def test_a_caller_pausing_mid_body_is_not_an_upstream_stall(self, make, upstream):
         """Waiting for the caller's body does not count against the upstream."""
         request = ForwardRequest("POST", upstream.url + "/x", (), _Pausing(1.5), None)
