@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dais_core.checks import check_for
 from dais_core.errors import (
+    Busy,
     CorruptData,
     DaisError,
     Forbidden,
@@ -36,6 +37,7 @@ from dais_core.policies import (
     Decision,
     KeyedLocks,
     RatePolicy,
+    ServerCap,
     Target,
     Throttler,
     gcra,
@@ -147,6 +149,7 @@ __all__ = [
     "Decision",
     "KeyedLocks",
     "RatePolicy",
+    "ServerCap",
     "Target",
     "Throttler",
     "check_for",
@@ -175,6 +178,7 @@ __all__ = [
     "explain",
     "publish",
     # errors
+    "Busy",
     "CorruptData",
     "DaisError",
     "Forbidden",

@@ -21,6 +21,7 @@ and asks :func:`status_for` which status to send::
     ├── PublishFailed                  500 publish_failed
     ├── UpstreamUnreachable            502 upstream_unreachable
     ├── Unavailable                    503 unavailable
+    │   └── Busy                       503 busy
     └── UpstreamTimeout                504 upstream_timeout
 
 Messages are written for the caller: they never carry key material.
@@ -33,6 +34,7 @@ from typing import Any
 
 __all__ = [
     "STATUS_BY_ERROR",
+    "Busy",
     "CorruptData",
     "DaisError",
     "Forbidden",
@@ -183,6 +185,22 @@ class Unavailable(DaisError):
     """A dependency the request needs (the key store, say) is down."""
 
     code = "unavailable"
+
+
+class Busy(Unavailable):
+    """Every worker this kind of request may hold is taken; retry shortly.
+
+    Args:
+        message: A human sentence for the caller.
+        retry_after: Seconds after which a retry may be admitted.
+        **detail: Extra JSON-safe fields for the error body.
+    """
+
+    code = "busy"
+
+    def __init__(self, message: str, retry_after: float, **detail: Any) -> None:
+        super().__init__(message, **detail)
+        self.retry_after = retry_after
 
 
 class UpstreamTimeout(DaisError):

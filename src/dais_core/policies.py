@@ -13,7 +13,13 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
 
-from dais_core.errors import Forbidden, NotFound, Throttled, UnauthorisedPublish
+from dais_core.errors import (
+    Busy,
+    Forbidden,
+    NotFound,
+    Throttled,
+    UnauthorisedPublish,
+)
 from dais_core.ports import Clock, CommitLocks, ThrottleState
 from dais_core.rules import Location, is_under, parse_location
 from dais_core.values import Grant, Permission, ServiceEndpoint
@@ -24,6 +30,7 @@ __all__ = [
     "Decision",
     "KeyedLocks",
     "RatePolicy",
+    "ServerCap",
     "Target",
     "Throttler",
     "gcra",
@@ -344,6 +351,15 @@ class ConcurrencyCap:
                 )
             self._counts[key_id] = count + 1
 
+    @contextlib.contextmanager
+    def held(self, key_id: str) -> Iterator[None]:
+        """Count one request of ``key_id`` in flight while the block runs."""
+        self.acquire(key_id)
+        try:
+            yield
+        finally:
+            self.release(key_id)
+
     def release(self, key_id: str) -> None:
         """Count one request in flight fewer."""
         with self._lock:
@@ -352,3 +368,49 @@ class ConcurrencyCap:
                 self._counts[key_id] = count
             else:
                 self._counts.pop(key_id, None)
+
+
+class ServerCap:
+    """Cap the slow requests (webhook calls, uploads) one process holds at once.
+
+    Each holds a worker thread while it waits on an upstream or a client.
+    Past the cap they are refused at once, so the workers left still answer
+    health checks and admin calls, whatever the callers do.
+
+    Args:
+        limit: Requests held at once; 0 means no cap.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def acquire(self) -> None:
+        """Count one more request held.
+
+        Raises:
+            Busy: ``limit`` requests are held already.
+        """
+        with self._lock:
+            if self.limit and self._count >= self.limit:
+                raise Busy(
+                    "the server is busy with other webhook calls and uploads; "
+                    "retry shortly",
+                    retry_after=1.0,
+                )
+            self._count += 1
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Count one more request held while the block runs."""
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Count one request held fewer."""
+        with self._lock:
+            self._count = max(0, self._count - 1)

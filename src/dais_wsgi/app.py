@@ -23,6 +23,7 @@ from falcon.media.multipart import MultipartForm, MultipartParseOptions
 from falcon.util import BufferedReader
 
 from dais_core.errors import (
+    Busy,
     DaisError,
     InvalidData,
     InvalidResourceId,
@@ -109,8 +110,11 @@ def _handle_dais_error(
     resp.status = status_for(exc)
     resp.media = exc.body()
     req.context.error = exc.code
-    if isinstance(exc, Throttled):
+    if isinstance(exc, (Throttled, Busy)):
         resp.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
+    if isinstance(exc, Busy):
+        req.context.metrics.throttle.labels("busy", "throttled").inc()
+    if isinstance(exc, Throttled):
         if isinstance(exc.decision, Decision):
             rate: tuple[str, RatePolicy] = getattr(req.context, "rate", None) or (
                 req.context.template,
@@ -318,11 +322,11 @@ class UploadSink:
 
         form = self._form(req)
         expected = _expected_digest(req)
+        key_id = credential.key.id
+        in_flight = runtime.uploads_in_flight.held(key_id)
         # Hashing and disk waits run without the GIL: let them use every CPU.
-        with widened():
-            result = self._publish(
-                req, credential.key.id, resource_id, target, form, expected
-            )
+        with in_flight, runtime.slow_requests.held(), widened():
+            result = self._publish(req, key_id, resource_id, target, form, expected)
         resp.media = {
             "resource": result.resource,
             "size": result.size,
@@ -351,10 +355,9 @@ class UploadSink:
         form: MultipartForm,
         expected: str | None,
     ) -> PublishResult:
-        """Publish the form's file under the in-flight cap, and record it."""
+        """Publish the form's file, and record the attempt, whatever its end."""
         runtime = self.runtime
         started = time.perf_counter()
-        runtime.uploads_in_flight.acquire(key_id)
         outcome, result = "failed", None
         # What is known of the file, should the publish fail after reading it.
         received: dict[str, Any] = {}
@@ -376,7 +379,6 @@ class UploadSink:
             received = exc.detail
             raise
         finally:
-            runtime.uploads_in_flight.release(key_id)
             if result is not None:
                 received = {"size": result.size, "sha256": result.sha256}
             self._record(req, key_id, resource_id, target, received, outcome, started)
@@ -473,11 +475,9 @@ class GatewaySink:
             req.content_length or None,
         )
         started = time.perf_counter()
-        runtime.gateway_in_flight.acquire(credential.key.id)
-        try:
+        in_flight = runtime.gateway_in_flight.held(credential.key.id)
+        with in_flight, runtime.slow_requests.held():
             status = runtime.forwarder.forward(forwarded)
-        finally:
-            runtime.gateway_in_flight.release(credential.key.id)
         req.context.metrics.upstream.observe(time.perf_counter() - started)
 
         self._record(req, credential.key.id, call, route, status, started, body)

@@ -19,7 +19,13 @@ from dais_adapters.cache import (
 from dais_adapters.hooks import ForwarderOptions, StorageContext, plugin_manager
 from dais_core.admin import AdminSession, AuditRecord
 from dais_core.errors import InvalidData
-from dais_core.policies import ChainedLocks, ConcurrencyCap, KeyedLocks, Throttler
+from dais_core.policies import (
+    ChainedLocks,
+    ConcurrencyCap,
+    KeyedLocks,
+    ServerCap,
+    Throttler,
+)
 from dais_core.ports import (
     Clock,
     CommitLocks,
@@ -89,6 +95,7 @@ class Runtime:
     gateway_throttle: Throttler | None
     uploads_in_flight: ConcurrencyCap
     gateway_in_flight: ConcurrencyCap
+    slow_requests: ServerCap
     inspector: Inspector
     commit_locks: CommitLocks
     hooks: Any
@@ -235,6 +242,7 @@ def bootstrap(
         gateway_throttle=gateway_throttle,
         uploads_in_flight=ConcurrencyCap(settings.uploads_in_flight, "uploads"),
         gateway_in_flight=ConcurrencyCap(settings.gateway_in_flight, "webhook calls"),
+        slow_requests=ServerCap(settings.slow_request_cap),
         inspector=Inspectors([i for found in hook.dais_inspectors() for i in found]),
         commit_locks=_commit_locks(store),
         hooks=hook,

@@ -98,6 +98,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "host": args.host,
             "port": args.port,
             "threads": args.threads,
+            "reserved_threads": args.reserved_threads,
             "request_timeout": args.request_timeout,
             "max_upload_bytes": args.max_upload_bytes,
             "uploads_in_flight": args.uploads_in_flight,
@@ -454,6 +455,13 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--host", default=defaults.host)
         command.add_argument("--port", type=int, default=defaults.port)
         command.add_argument("--threads", type=int, default=defaults.threads)
+        command.add_argument(
+            "--reserved-threads",
+            type=int,
+            default=defaults.reserved_threads,
+            help="worker threads webhook calls and uploads never hold, kept for "
+            "health checks and admin calls (default %(default)s)",
+        )
         command.add_argument("--filemanager", help="File Manager folder")
         command.add_argument(
             "--request-timeout", type=float, default=defaults.request_timeout

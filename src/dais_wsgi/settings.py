@@ -60,6 +60,11 @@ class Settings:
     port: int = attrs.field(default=8080, validator=_between(0, 65535))
     #: Worker threads of the server.
     threads: int = attrs.field(default=8, validator=_between(1, 1024))
+    #: Worker threads that webhook calls and uploads may never hold, so that
+    #: health checks and admin calls are answered however busy the others
+    #: are; past ``threads - reserved_threads`` of them at once (at least
+    #: one), the next is a 503 ``busy``.
+    reserved_threads: int = attrs.field(default=2, validator=_between(0, 1024))
     #: Largest file accepted by the Integration API, in bytes (4 GiB).
     max_upload_bytes: int = attrs.field(default=4 * GiB, validator=_between(1))
     #: Room allowed for multipart framing on top of the file, in bytes.
@@ -112,6 +117,11 @@ class Settings:
         default="auto",
         validator=attrs.validators.matches_re(CPU_AFFINITY),
     )
+
+    @property
+    def slow_request_cap(self) -> int:
+        """Webhook calls and uploads one process holds at once."""
+        return max(1, self.threads - self.reserved_threads)
 
     @property
     def resolved_store_url(self) -> str:

@@ -744,6 +744,46 @@ class TestPerKeyCap:
         assert 'policy="upload"' not in metrics
 
 
+class TestReservedWorkers:
+    """Webhook calls and uploads together never hold every worker."""
+
+    def test_past_the_cap_a_call_is_503_and_health_still_answers(
+        self, start_gateway, upstream
+    ):
+        """Two keys' slow calls fill the cap; /healthz is answered at once."""
+        import concurrent.futures
+
+        gateway = start_gateway(threads=4, reserved_threads=2, gateway_in_flight=0)
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        tokens = [gateway.make_key(permissions=(("svc", "/"),))[1] for _ in range(3)]
+        upstream.delay = 1.5
+        path = f"{BASE}/p1/lineage-version/1/svc/x"
+        pool = urllib3.PoolManager(retries=False, maxsize=4)
+        with concurrent.futures.ThreadPoolExecutor(2) as executor:
+            slow = [executor.submit(call, pool, gateway, t, path) for t in tokens[:2]]
+            time.sleep(0.4)
+            refused = call(pool, gateway, tokens[2], path)
+            started = time.monotonic()
+            health = pool.request("GET", f"{gateway.url}/healthz")
+            waited = time.monotonic() - started
+            assert [f.result().status for f in slow] == [200, 200]
+        assert refused.status == 503
+        assert refused.json()["error"] == "busy"
+        assert refused.headers["Retry-After"] == "1"
+        assert health.status == 200
+        assert waited < 1.0, waited
+        assert len(upstream.calls) == 2
+
+    def test_the_cap_frees_as_calls_end(self, http, start_gateway, upstream):
+        """A call after the slow ones ended is forwarded as usual."""
+        gateway = start_gateway(threads=2, reserved_threads=1, gateway_in_flight=0)
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/"),))
+        path = f"{BASE}/p1/lineage-version/1/svc/x"
+        statuses = [call(http, gateway, token, path).status for _ in range(3)]
+        assert statuses == [200, 200, 200]
+
+
 class TestForwardingHeaders:
     """The forwarding chain and the request id."""
 

@@ -99,7 +99,7 @@ class TestAllOrNothing:
 
     def test_concurrent_uploads_never_mix_locations(self, start_gateway):
         """Of many concurrent uploads, one wins at both locations."""
-        gateway = start_gateway(uploads_in_flight=0, **FAST)
+        gateway = start_gateway(uploads_in_flight=0, reserved_threads=0, **FAST)
         _, token = gateway.make_key(
             grants=(("x", ("filemanager://p1/a/x", "filemanager://p1/b/x"), BINARY),)
         )

@@ -239,6 +239,30 @@ class TestEarlyRefusal:
         assert not (gateway.filemanager / "p1/x").exists()
 
 
+class TestReservedWorkers:
+    """Slow uploads never hold the workers kept for other requests."""
+
+    def test_an_upload_past_the_cap_is_503_before_its_body(
+        self, start_gateway, tmp_path
+    ):
+        """With the one allowed upload streaming, another key's upload is 503."""
+        gateway = start_gateway(threads=3, reserved_threads=2, **FAST)
+        grants = (("big/", ("filemanager://p1/big/",), DataType.BINARY),)
+        _, first = gateway.make_key(grants=grants)
+        _, second = gateway.make_key(grants=grants)
+        source = sparse(tmp_path / "big.bin", 256 * MiB)
+        with connect(gateway) as sock:
+            sock.sendall(raw_upload_head(gateway, first, "big/slow", 4 * MiB))
+            sock.sendall(b"s" * MiB)
+            time.sleep(0.3)
+            status, sent = curl_upload(
+                f"{gateway.url}/integration/v1/resources/big/other", second, source
+            )
+        assert status == 503
+        assert sent < 4 * MiB
+        assert not (gateway.filemanager / "p1/big/other").exists()
+
+
 class TestChunked:
     """Bodies without Content-Length are accepted and limited like any other."""
 

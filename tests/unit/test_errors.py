@@ -9,6 +9,7 @@ import pytest
 from dais_core import errors
 from dais_core.errors import (
     STATUS_BY_ERROR,
+    Busy,
     CorruptData,
     DaisError,
     Forbidden,
@@ -49,6 +50,7 @@ SPEC_STATUSES = [
     (PublishFailed, 500),
     (UpstreamUnreachable, 502),
     (Unavailable, 503),
+    (Busy, 503),
     (UpstreamTimeout, 504),
     (DaisError, 500),
 ]
@@ -63,6 +65,8 @@ ALL_ERRORS = [
 def _make(cls: type[DaisError]) -> DaisError:
     if cls is Throttled:
         return Throttled("slow down", retry_after=1.0)
+    if cls is Busy:
+        return Busy("busy", retry_after=1.0)
     return cls("something happened")
 
 

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dais_core.errors import (
+    Busy,
     Forbidden,
     InvalidData,
     NotFound,
@@ -23,6 +24,7 @@ from dais_core.policies import (
     ConcurrencyCap,
     KeyedLocks,
     RatePolicy,
+    ServerCap,
     Throttler,
     gcra,
     map_resource,
@@ -455,6 +457,33 @@ class TestKeyedLocks:
         with locks.hold(["s3://b/a.csv", "s3://b/a.csv"]):
             pass
         assert not _blocked(locks, ["s3://b/a.csv"])
+
+
+class TestServerCap:
+    def test_refuses_beyond_the_limit_whatever_the_key(self):
+        """Past the limit the server is busy; a release lets the next one in."""
+        cap = ServerCap(2)
+        cap.acquire()
+        cap.acquire()
+        with pytest.raises(Busy) as refused:
+            cap.acquire()
+        assert refused.value.retry_after == 1.0
+        cap.release()
+        cap.acquire()
+
+    def test_a_limit_of_zero_means_no_cap(self):
+        """With limit 0 any number of requests may be held."""
+        cap = ServerCap(0)
+        for _ in range(100):
+            cap.acquire()
+
+    def test_releasing_more_than_acquired_leaves_no_credit(self):
+        """An extra release does not let two in where the limit is one."""
+        cap = ServerCap(1)
+        cap.release()
+        cap.acquire()
+        with pytest.raises(Busy):
+            cap.acquire()
 
 
 class TestConcurrencyCap:
