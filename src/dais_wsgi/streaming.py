@@ -72,11 +72,21 @@ GATEWAY_PATH = "/project-gateway/"
 #: :data:`~dais_wsgi.bodies.MAX_SMALL_BODY`, before a worker sees the
 #: request, so a client that sends its body slowly holds no worker.
 STREAMED_PATHS = (GATEWAY_PATH, "/integration/")
-#: Bytes on the wire a small chunked body may take, framing included.
-SMALL_CHUNKED_WIRE = 8 * MAX_SMALL_BODY
+#: Bytes on the wire a small chunked body may take, framing included (the
+#: framing allowance below keeps it well under this).
+SMALL_CHUNKED_WIRE = 2 * MAX_SMALL_BODY
 #: The longest chunk-size line (size and extensions) of a chunked body.
 #: waitress keeps an unfinished line in memory, however long it grows.
 MAX_CHUNK_LINE = 4096
+#: Chunk framing (size lines, line ends, extensions) a body may carry beyond
+#: a quarter of its decoded bytes. Decoding costs the event loop a few
+#: microseconds a chunk, so a body of one-byte chunks, or of empty lines,
+#: would make it parse megabytes for nothing.
+FRAMING_ALLOWANCE = 64 * 1024
+#: Bytes of a chunked body handed to waitress' decoder at once: it copies
+#: what is left of its input after every chunk, so its cost grows with the
+#: input's length times the number of chunks in it.
+CHUNKED_SLICE = 8 * 1024
 
 
 class BodyPipe:
@@ -266,10 +276,13 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
     waitress keeps a chunked body's unfinished chunk-size line, and its
     unfinished trailer, in memory with no bound, even where the body itself
     has none (a streamed upload): a line over :data:`MAX_CHUNK_LINE` bytes,
-    or a trailer over the header limit, ends the request as malformed.
+    a trailer over the header limit, or framing beyond
+    :data:`FRAMING_ALLOWANCE`, ends the request as malformed. A chunked
+    body is decoded :data:`CHUNKED_SLICE` bytes at a time.
     """
 
     adj: Any
+    body_bytes_received: int
     completed: bool
     error: Any
     proxy_scheme: str
@@ -284,33 +297,72 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
         self.started = time.monotonic()
 
     def received(self, data: bytes) -> int:
-        """Parse bytes of the request; refuse a runaway chunk framing line."""
+        """Parse bytes of the request; return how many were used."""
+        chunks = self.body_rcv
+        if not isinstance(chunks, ChunkedReceiver):
+            return self._parse(data)
+        consumed = 0
+        while consumed < len(data) and not self.completed:
+            # The rest of a large chunk goes in one piece: it is copied once.
+            size = max(CHUNKED_SLICE, chunks.chunk_remainder)
+            piece = (
+                data
+                if size >= len(data) and not consumed
+                else data[consumed : consumed + size]
+            )
+            used = self._parse(piece)
+            consumed += used
+            if used < len(piece):
+                break
+        return consumed
+
+    def _parse(self, data: bytes) -> int:
+        """Parse with waitress; refuse chunk framing that runs away."""
         consumed: int = super().received(data)
         chunks = self.body_rcv
         if isinstance(chunks, ChunkedReceiver) and not self.completed:
+            framing = self.body_bytes_received - len(chunks)
             if len(chunks.control_line) > MAX_CHUNK_LINE:
-                self.error = BadRequest(
-                    f"a chunk-size line is over {MAX_CHUNK_LINE} bytes"
-                )
-                self.completed = True
+                self._refuse(f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
             elif len(chunks.trailer) > self.adj.max_request_header_size:
-                self.error = BadRequest("the chunked body's trailer is too large")
-                self.completed = True
+                self._refuse("the chunked body's trailer is too large")
+            elif framing > FRAMING_ALLOWANCE + len(chunks) // 4:
+                self._refuse(
+                    "the chunked body's framing outweighs its content; "
+                    "send larger chunks"
+                )
         return consumed
+
+    def _refuse(self, message: str) -> None:
+        self.error = BadRequest(message)
+        self.completed = True
 
     def parse_header(self, header_plus: bytes) -> None:
         """Parse the head; note whether the body streams; refuse bad framing.
 
-        Refused: a request framed two ways at once, an HTTP/1.1 request with
-        no ``Host``, a ``Host`` that is not one host[:port], and a target in
-        absolute form that is not ``http`` or ``https`` with such a host.
+        Refused: a request framed two ways at once, an HTTP/1.0 request with
+        a ``Transfer-Encoding``, an unreadable ``Content-Length``, an HTTP/1.1
+        request with no ``Host``, a ``Host`` that is not one host[:port], and
+        a target in absolute form that is not ``http`` or ``https`` with such
+        a host.
         An absolute target's host is the request's host (RFC 9112, section
         3.3), whatever ``Host`` says.
         """
-        super().parse_header(header_plus)
+        try:
+            super().parse_header(header_plus)
+        except ValueError:
+            # int() refuses a Content-Length of thousands of digits.
+            self.connection_close = True
+            raise ParsingError("Content-Length is invalid") from None
         if self.chunked and "CONTENT_LENGTH" in self.headers:
             self.connection_close = True
             raise ParsingError("both Content-Length and Transfer-Encoding were sent")
+        if "TRANSFER_ENCODING" in self.headers:
+            # waitress decodes chunks for HTTP/1.1 only, and leaves the header
+            # of an HTTP/1.0 request, whose framing is then faulty whatever
+            # else it says (RFC 9112, section 6.1).
+            self.connection_close = True
+            raise ParsingError("an HTTP/1.0 request cannot have a Transfer-Encoding")
         self.streamed = str(self.path).startswith(STREAMED_PATHS)
         if not self.streamed:
             self.adj = _small_bodies(self.adj, bool(self.chunked))
@@ -573,7 +625,10 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
             elif request.error.code == 413:
                 request.pipe.fail(TooLarge("the body is over the server's limit"))
             else:
-                request.pipe.fail(IncompleteBody("the body's framing is malformed"))
+                said = request.error.body
+                request.pipe.fail(
+                    IncompleteBody(f"the body's framing is malformed: {said}")
+                )
         elif not request.empty:
             self.requests.append(request)
             if len(self.requests) == 1:

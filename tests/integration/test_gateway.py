@@ -571,6 +571,40 @@ class TestSmugglingAndOverrides:
         assert upstream.calls == []
 
     @pytest.mark.parametrize(
+        "framing",
+        [
+            b"Transfer-Encoding: chunked\r\nContent-Length: 17\r\n",
+            b"Transfer-Encoding: chunked\r\n",
+        ],
+        ids=["with-length", "alone"],
+    )
+    def test_http_1_0_with_a_transfer_encoding_is_refused_and_closed(
+        self, gateway, upstream, caller, framing
+    ):
+        """HTTP/1.0 has no chunked framing: its body cannot be told from the next."""
+        head = (
+            "POST /project-gateway/webhooks/p1/lineage-version/3/svc/api/webhook/x"
+            f" HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {caller}\r\n"
+            "Connection: keep-alive\r\n"
+        ).encode()
+        body = b'7\r\n{"x":1}\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'
+        answer = exchange(gateway, head + framing + b"\r\n" + body)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert answer.count(b"HTTP/1.1 ") == 1, answer
+        assert upstream.calls == []
+
+    def test_a_content_length_of_thousands_of_digits_is_400(self, gateway):
+        """A length no integer parser takes is a 400, not a dropped connection."""
+        answer = exchange(
+            gateway,
+            b"POST /admin/v1/explain HTTP/1.1\r\nHost: x\r\nContent-Length: "
+            + b"9" * 5000
+            + b"\r\n\r\n",
+        )
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "invalid_data"
+
+    @pytest.mark.parametrize(
         "host_lines",
         [
             b"Host: 127.0.0.1\r\nHost: elsewhere.example\r\n",

@@ -325,6 +325,8 @@ class TestChunkFraming:
         [
             pytest.param(b"1" * MiB, id="endless-size-line"),
             pytest.param(b"0\r\nX-Trailer: " + b"t" * MiB, id="endless-trailer"),
+            pytest.param(b"\r\n" * 200_000, id="empty-lines"),
+            pytest.param(b"1\r\nz\r\n" * 100_000, id="one-byte-chunks"),
         ],
     )
     def test_a_runaway_framing_line_is_400(self, gateway, grant, framing):
