@@ -7,10 +7,10 @@ in the form a router decoded.
 
 from __future__ import annotations
 
-import base64
 import importlib.resources
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import falcon
+import http_sf
 from falcon.media.multipart import MultipartForm, MultipartParseOptions
 from falcon.util import BufferedReader
 
@@ -66,6 +67,8 @@ log = logging.getLogger("dais.access")
 errors_log = logging.getLogger("dais.errors")
 
 UPLOAD_PREFIX = "/integration/v1/resources/"
+SHA256_BYTES = 32
+_HEX_SHA256 = re.compile(r"[0-9A-Fa-f]{64}")
 CHUNK_SIZE = 1024 * 1024
 READ_SIZE = 256 * 1024
 
@@ -216,33 +219,35 @@ def _expected_digest(req: falcon.Request) -> str | None:
 def _content_digest(req: falcon.Request) -> str | None:
     """The ``sha-256`` member of ``Content-Digest``, hex, if there is one.
 
-    The field is a structured-field dictionary (RFC 8941): of members named
-    twice the last counts, and parameters after a value are ignored.
+    The field is a structured-field dictionary (RFC 8941), read as that RFC
+    says: of members named twice the last counts, parameters after a value
+    are ignored, and a comma inside a quoted parameter separates nothing.
     """
     header = req.get_header("Content-Digest")
-    value = None
-    for item in (header or "").split(","):
-        name, _, member = item.strip().partition("=")
-        if name.strip().lower() == "sha-256":
-            value = member.partition(";")[0].strip()
-    if value is None:
+    if header is None:
         return None
-    if len(value) < 2 or value[0] != ":" or value[-1] != ":":
-        raise InvalidData("Content-Digest sha-256 is not a byte sequence (:...:)")
     try:
-        return base64.b64decode(value[1:-1], validate=True).hex()
-    except ValueError:
-        raise InvalidData("Content-Digest sha-256 is not base64") from None
+        members = http_sf.parse(header.encode("latin-1"), tltype="dictionary")
+    except http_sf.StructuredFieldError as exc:
+        raise InvalidData(f"Content-Digest is not a structured field: {exc}") from None
+    if not isinstance(members, dict) or "sha-256" not in members:
+        return None
+    member = members["sha-256"]
+    value = member[0] if isinstance(member, tuple) else None
+    if not isinstance(value, bytes):
+        raise InvalidData("Content-Digest sha-256 is not a byte sequence (:...:)")
+    if len(value) != SHA256_BYTES:
+        raise InvalidData(f"Content-Digest sha-256 is not {SHA256_BYTES} bytes")
+    return value.hex()
 
 
 def _checksum_header(req: falcon.Request) -> str | None:
     plain = req.get_header("X-Checksum-SHA256")
-    if not plain:
+    if plain is None:
         return None
-    try:
-        return bytes.fromhex(plain.strip()).hex()
-    except ValueError:
-        raise InvalidData("X-Checksum-SHA256 is not hexadecimal") from None
+    if not _HEX_SHA256.fullmatch(plain.strip(" \t")):
+        raise InvalidData("X-Checksum-SHA256 is not 64 hexadecimal digits")
+    return plain.strip(" \t").lower()
 
 
 def _file_chunks(form: MultipartForm) -> Iterator[bytes]:

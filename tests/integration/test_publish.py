@@ -238,8 +238,24 @@ class TestLimitsAndRecords:
             ("sha-256=:{good}:;note=1", 200),
             ("sha-512=:{bad}:, sha-256=:{good}:", 200),
             ("sha-256={good}", 400),
+            ('sha-256=:{bad}:;p="x, sha-256=:{good}:;q="', 400),
+            ('sha-256=:{good}:;p="x, sha-256=:{bad}:;q="', 200),
+            ("SHA-256=:{good}:", 400),
+            ("sha-256=:AAAA:", 400),
+            ("sha-256=:{good}:,,", 400),
         ],
-        ids=["last-good", "last-bad", "parameters", "other-algorithm", "no-colons"],
+        ids=[
+            "last-good",
+            "last-bad",
+            "parameters",
+            "other-algorithm",
+            "no-colons",
+            "comma-in-quoted-parameter-bad",
+            "comma-in-quoted-parameter-good",
+            "upper-case-key",
+            "three-bytes",
+            "empty-member",
+        ],
     )
     def test_content_digest_is_read_as_a_dictionary(self, gateway, field, status):
         """Of two sha-256 members the last counts; parameters are ignored."""
@@ -248,6 +264,30 @@ class TestLimitsAndRecords:
         bad = base64.b64encode(hashlib.sha256(b"abd").digest()).decode()
         header = field.format(good=good, bad=bad)
         response = post(gateway, token, "x", b"abc", **{"Content-Digest": header})
+        assert response.status == status, response.data
+        assert (gateway.filemanager / "p1/x").exists() == (status == 200)
+
+    @pytest.mark.parametrize(
+        ("value", "status"),
+        [
+            ("{hex}", 200),
+            ("{upper}", 200),
+            ("{spaced}", 400),
+            ("abcd", 400),
+            ("{hex}00", 400),
+        ],
+        ids=["lower", "upper", "spaced-pairs", "short", "long"],
+    )
+    def test_x_checksum_sha256_is_64_hex_digits(self, gateway, value, status):
+        """The hex digest is exactly 64 digits, in either case, nothing else."""
+        _, token = gateway.make_key(grants=(("x", ("filemanager://p1/x",), BINARY),))
+        digest = hashlib.sha256(b"abc").hexdigest()
+        header = value.format(
+            hex=digest,
+            upper=digest.upper(),
+            spaced=" ".join(digest[i : i + 2] for i in range(0, 64, 2)),
+        )
+        response = post(gateway, token, "x", b"abc", **{"X-Checksum-SHA256": header})
         assert response.status == status, response.data
         assert (gateway.filemanager / "p1/x").exists() == (status == 200)
 
