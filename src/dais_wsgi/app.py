@@ -28,6 +28,7 @@ from dais_core.errors import (
     DaisError,
     InvalidData,
     InvalidResourceId,
+    InvalidRoute,
     NotFound,
     Throttled,
     TooLarge,
@@ -93,7 +94,11 @@ def raw_query(req: falcon.Request) -> str | None:
     if target is None:
         return str(req.query_string) or None
     _, question, query = str(target).partition("?")
-    return query.partition("#")[0] if question else None
+    if "#" in query:
+        # A request target has no fragment (RFC 9112, 3.2): dropping it
+        # silently would forward another query than the caller wrote.
+        raise InvalidRoute("the request target may not hold a fragment ('#')")
+    return query if question else None
 
 
 def _rate_headers(
