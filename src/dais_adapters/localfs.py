@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 STAGING_FOLDER = ".dais-staging"
 _SUFFIX = ".part"
 _PREVIOUS = ".prev"
+#: A staged copy is locked by its writer from just after it is made until
+#: its rename: one idle and unlocked for this long has no writer left.
+_UNLOCKED_GRACE = 2.0
 
 
 @contextlib.contextmanager
@@ -339,13 +342,15 @@ class LocalFolderStorage:
     def sweep(self, min_age: float = 0.0) -> int:
         """Remove staged copies left by a process that died; return how many.
 
-        Staged copies (``.part``) and the previous files kept for a rollback
-        (``.prev``) untouched for ``min_age`` seconds are removed, and only
-        those: a copy being written is locked by its writer (``flock``) and
-        left alone whatever its age, and other entries are never touched.
-        Other gateways sharing the folder may have uploads in flight, so
-        ``serve`` passes the request deadline as ``min_age`` too. A staging
-        folder that is a symbolic link is not followed.
+        Previous files kept for a rollback (``.prev``) untouched for
+        ``min_age`` seconds are removed, and so are staged copies (``.part``)
+        that nobody holds locked and that were untouched for a couple of
+        seconds (or ``min_age``, if shorter): a copy being written is locked
+        by its writer (``flock``) and left alone whatever its age, and other
+        entries are never touched. A ``.prev`` is not locked, and another
+        gateway sharing the folder may be committing with it, so ``serve``
+        passes the request deadline as ``min_age``. A staging folder that is
+        a symbolic link is not followed.
         """
         real_root = self.root.resolve()
         try:
@@ -357,11 +362,14 @@ class LocalFolderStorage:
             return 0
         removed = 0
         try:
-            cutoff = time.time() - min_age
+            now = time.time()
+            cutoffs = {
+                _SUFFIX: now - min(min_age, _UNLOCKED_GRACE),
+                _PREVIOUS: now - min_age,
+            }
             for name in os.listdir(folder):
-                if name.endswith((_SUFFIX, _PREVIOUS)) and _remove_if_stale(
-                    folder, name, cutoff
-                ):
+                cutoff = cutoffs.get(name[-5:])
+                if cutoff is not None and _remove_if_stale(folder, name, cutoff):
                     removed += 1
         finally:
             os.close(folder)

@@ -310,6 +310,18 @@ class TestServe:
         finally:
             upstream.close()
 
+    def test_a_killed_uploads_copy_goes_at_start_whatever_the_deadline(self, tmp_path):
+        """An unlocked staged copy has no writer: it goes; a .prev waits its age."""
+        home = tmp_path / "home"
+        staging = home / "filemanager" / ".dais-staging"
+        staging.mkdir(parents=True)
+        (staging / "0123.part").write_bytes(b"half an upload")
+        # A rollback copy may belong to another gateway's commit in flight.
+        (staging / "89ab.prev").write_bytes(b"the file before a commit")
+        time.sleep(2.5)
+        with serving(home):
+            assert [p.name for p in staging.iterdir()] == ["89ab.prev"]
+
     def test_stale_staging_files_are_swept_at_start(self, tmp_path):
         """A killed process's staged file goes at start; a live one stays."""
         home = tmp_path / "home"
