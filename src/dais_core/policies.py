@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
@@ -374,31 +375,39 @@ class ServerCap:
     """Cap the slow requests (webhook calls, uploads) one process holds at once.
 
     Each holds a worker thread while it waits on an upstream or a client.
-    Past the cap they are refused at once, so the workers left still answer
-    health checks and admin calls, whatever the callers do.
+    Past the cap one waits a moment for another to end (under a load of
+    quick calls, one does), then is refused, so the workers left still
+    answer health checks and admin calls, whatever the callers do.
 
     Args:
         limit: Requests held at once; 0 means no cap.
+        wait: Seconds a request past the cap waits for a place (real
+            time: the wait is a thread's).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, wait: float = 0.0) -> None:
         self.limit = limit
-        self._lock = threading.Lock()
+        self.wait = wait
+        self._cond = threading.Condition()
         self._count = 0
 
     def acquire(self) -> None:
-        """Count one more request held.
+        """Count one more request held, once there is room for it.
 
         Raises:
-            Busy: ``limit`` requests are held already.
+            Busy: ``limit`` requests were held for all of ``wait``.
         """
-        with self._lock:
-            if self.limit and self._count >= self.limit:
-                raise Busy(
-                    "the server is busy with other webhook calls and uploads; "
-                    "retry shortly",
-                    retry_after=1.0,
-                )
+        with self._cond:
+            deadline = time.monotonic() + self.wait
+            while self.limit and self._count >= self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Busy(
+                        "the server is busy with other webhook calls and "
+                        "uploads; retry shortly",
+                        retry_after=1.0,
+                    )
+                self._cond.wait(left)
             self._count += 1
 
     @contextlib.contextmanager
@@ -411,6 +420,7 @@ class ServerCap:
             self.release()
 
     def release(self) -> None:
-        """Count one request held fewer."""
-        with self._lock:
+        """Count one request held fewer; let one that waits in."""
+        with self._cond:
             self._count = max(0, self._count - 1)
+            self._cond.notify()

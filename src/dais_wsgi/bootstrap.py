@@ -242,7 +242,7 @@ def bootstrap(
         gateway_throttle=gateway_throttle,
         uploads_in_flight=ConcurrencyCap(settings.uploads_in_flight, "uploads"),
         gateway_in_flight=ConcurrencyCap(settings.gateway_in_flight, "webhook calls"),
-        slow_requests=ServerCap(settings.slow_request_cap),
+        slow_requests=ServerCap(settings.slow_request_cap, settings.busy_wait),
         inspector=Inspectors([i for found in hook.dais_inspectors() for i in found]),
         commit_locks=_commit_locks(store),
         hooks=hook,

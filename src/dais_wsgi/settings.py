@@ -65,6 +65,12 @@ class Settings:
     #: are; past ``threads - reserved_threads`` of them at once (at least
     #: one), the next is a 503 ``busy``.
     reserved_threads: int = attrs.field(default=2, validator=_between(0, 1024))
+    #: Seconds a webhook call or upload past that cap waits for one of them
+    #: to end before it is refused: under a load of quick calls one soon
+    #: does, while slow ones leave the reserved workers free again soon.
+    busy_wait: float = attrs.field(
+        default=0.5, validator=[attrs.validators.ge(0.0), attrs.validators.le(60.0)]
+    )
     #: Largest file accepted by the Integration API, in bytes (4 GiB).
     max_upload_bytes: int = attrs.field(default=4 * GiB, validator=_between(1))
     #: Room allowed for multipart framing on top of the file, in bytes.
@@ -87,7 +93,7 @@ class Settings:
     #: Seconds to wait for an upstream to accept a connection.
     connect_timeout: float = attrs.field(default=5.0, validator=_seconds)
     #: Seconds an upstream may stall while answering (with ``curl``: whole
-    #: seconds, up to about 5 s late right after a body was sent).
+    #: seconds, up to about 7 s late right after a body was sent).
     read_timeout: float = attrs.field(default=30.0, validator=_seconds)
     #: HTTP client for webhook calls: ``curl`` (libcurl, the fastest) or
     #: ``urllib3`` (pure Python).

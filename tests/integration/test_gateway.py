@@ -810,6 +810,22 @@ class TestReservedWorkers:
         assert waited < 1.0, waited
         assert len(upstream.calls) == 2
 
+    def test_quick_calls_past_the_cap_wait_their_turn(self, start_gateway, upstream):
+        """More quick calls at once than the cap: each waits a moment, none is 503."""
+        import concurrent.futures
+
+        gateway = start_gateway(threads=4, reserved_threads=2, gateway_in_flight=0)
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/"),))
+        upstream.delay = 0.05
+        path = f"{BASE}/p1/lineage-version/1/svc/x"
+        pool = urllib3.PoolManager(retries=False, maxsize=4)
+        with concurrent.futures.ThreadPoolExecutor(4) as executor:
+            calls = [
+                executor.submit(call, pool, gateway, token, path) for _ in range(8)
+            ]
+            assert [f.result().status for f in calls] == [200] * 8
+
     def test_the_cap_frees_as_calls_end(self, http, start_gateway, upstream):
         """A call after the slow ones ended is forwarded as usual."""
         gateway = start_gateway(threads=2, reserved_threads=1, gateway_in_flight=0)

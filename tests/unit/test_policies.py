@@ -477,6 +477,19 @@ class TestServerCap:
         for _ in range(100):
             cap.acquire()
 
+    def test_a_request_past_the_cap_waits_for_a_place(self):
+        """One that ends within the wait lets the next in; none, and it is refused."""
+        import threading
+
+        cap = ServerCap(1, wait=2.0)
+        cap.acquire()
+        threading.Timer(0.1, cap.release).start()
+        cap.acquire()  # let in when the first ended
+        quick = ServerCap(1, wait=0.05)
+        quick.acquire()
+        with pytest.raises(Busy):
+            quick.acquire()
+
     def test_releasing_more_than_acquired_leaves_no_credit(self):
         """An extra release does not let two in where the limit is one."""
         cap = ServerCap(1)
