@@ -50,13 +50,21 @@ def _translated(deadline: _Deadline) -> Iterator[None]:
     except (NewConnectionError, NameResolutionError) as exc:
         raise UpstreamUnreachable("the upstream service is unreachable") from exc
     except (HTTPError, OSError) as exc:
-        if deadline.expired or isinstance(exc, Urllib3Timeout):
+        if deadline.expired or _timed_out(exc):
             # Past the whole-call cap, the cut connection fails however it
             # fails: it is a timeout all the same.
             raise UpstreamTimeout(
                 "the upstream service did not answer in time"
             ) from exc
         raise UpstreamUnreachable("the upstream service broke the connection") from exc
+
+
+def _timed_out(exc: BaseException) -> bool:
+    # urllib3 wraps a send that timed out (an upstream that stopped reading
+    # the body) in a ProtocolError; a read that timed out is its own error.
+    return isinstance(exc, (Urllib3Timeout, TimeoutError)) or any(
+        isinstance(arg, TimeoutError) for arg in getattr(exc, "args", ())
+    )
 
 
 #: Response bodies up to this size are read and dropped so the connection can

@@ -50,16 +50,23 @@ class Sweeper:
     died, without waiting for a restart. A copy counts as stale once idle
     for ``request_timeout`` and no longer locked by a writer, so sweeping
     that often removes one within two request timeouts of its last write.
+    The first of these sweeps comes soon after start: a killed upload's
+    copy written to just before a quick restart is too fresh for the
+    start-up sweep, and goes at this one.
 
     Args:
         runtime: The wired gateway.
         interval: Seconds between sweeps (the request timeout, by default;
             at least one).
+        first: Seconds from start to the first of them.
     """
 
-    def __init__(self, runtime: Runtime, interval: float | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, interval: float | None = None, first: float = 5.0
+    ) -> None:
         self.runtime = runtime
         self.interval = max(1.0, interval or runtime.settings.request_timeout)
+        self.first = min(first, self.interval)
         self._stopping = threading.Event()
         self._thread = threading.Thread(
             target=self._run, daemon=True, name="dais-sweeper"
@@ -76,8 +83,10 @@ class Sweeper:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        while not self._stopping.wait(self.interval):
+        wait = self.first
+        while not self._stopping.wait(wait):
             sweep_storages(self.runtime)
+            wait = self.interval
 
 
 def make_server(runtime: Runtime, **overrides: Any) -> Any:

@@ -79,10 +79,16 @@ SMALL_CHUNKED_WIRE = 2 * MAX_SMALL_BODY
 #: waitress keeps an unfinished line in memory, however long it grows.
 MAX_CHUNK_LINE = 4096
 #: Chunk framing (size lines, line ends, extensions) a body may carry beyond
-#: a quarter of its decoded bytes. Decoding costs the event loop a few
-#: microseconds a chunk, so a body of one-byte chunks, or of empty lines,
-#: would make it parse megabytes for nothing.
+#: half its decoded bytes. Decoding costs the event loop a few microseconds
+#: a chunk, so a body of one-byte chunks, or of empty lines, would make it
+#: parse megabytes for nothing; a client that sends a chunk per short line
+#: (twelve bytes and up) stays within it.
 FRAMING_ALLOWANCE = 64 * 1024
+#: Requests read ahead on one connection (pipelined) and not yet answered.
+#: The last one read is answered with ``Connection: close`` and nothing more
+#: is read: a client that pipelines answers it never reads would otherwise
+#: hold a worker, blocked on a full output buffer, for as long as it likes.
+MAX_PIPELINED = 16
 #: Bytes of a chunked body handed to waitress' decoder at once: it copies
 #: what is left of its input after every chunk, so its cost grows with the
 #: input's length times the number of chunks in it.
@@ -275,8 +281,10 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
 
     waitress keeps a chunked body's unfinished chunk-size line, and its
     unfinished trailer, in memory with no bound, even where the body itself
-    has none (a streamed upload): a line over :data:`MAX_CHUNK_LINE` bytes,
-    a trailer over the header limit, or framing beyond
+    has none (a streamed upload): a line still unfinished past
+    :data:`MAX_CHUNK_LINE` bytes (one that ends within the slice the decoder
+    is handed may run to about three times that), a trailer over the header
+    limit, or framing beyond
     :data:`FRAMING_ALLOWANCE`, ends the request as malformed. A chunked
     body is decoded :data:`CHUNKED_SLICE` bytes at a time.
     """
@@ -287,6 +295,7 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
     error: Any
     proxy_scheme: str
     proxy_netloc: str
+    request_uri: str
     pipe: BodyPipe | None = None
     wants_continue = False
     streamed = False
@@ -326,7 +335,7 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
                 self._refuse(f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
             elif len(chunks.trailer) > self.adj.max_request_header_size:
                 self._refuse("the chunked body's trailer is too large")
-            elif framing > FRAMING_ALLOWANCE + len(chunks) // 4:
+            elif framing > FRAMING_ALLOWANCE + len(chunks) // 2:
                 self._refuse(
                     "the chunked body's framing outweighs its content; "
                     "send larger chunks"
@@ -362,10 +371,16 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
             # of an HTTP/1.0 request, whose framing is then faulty whatever
             # else it says (RFC 9112, section 6.1).
             self.connection_close = True
-            raise ParsingError("an HTTP/1.0 request cannot have a Transfer-Encoding")
+            raise ParsingError(
+                f"an HTTP/{self.version} request cannot have a Transfer-Encoding"
+            )
         self.streamed = str(self.path).startswith(STREAMED_PATHS)
         if not self.streamed:
             self.adj = _small_bodies(self.adj, bool(self.chunked))
+        if "#" in self.request_uri:
+            # A request target has no fragment (RFC 9112, 3.2); parsers cut
+            # one off at different places, and a query may hide behind it.
+            raise ParsingError("a request target cannot hold a fragment ('#')")
         if self.proxy_scheme or self.proxy_netloc:
             authority = str(self.proxy_netloc)
             if str(self.proxy_scheme).lower() not in {"http", "https"} or not (
@@ -453,6 +468,10 @@ class JsonErrorTask(ErrorTask):  # type: ignore[misc]
             # waitress counts "this many bytes or more", framing included:
             # name the limit the body is held to.
             return f"the body is over the limit of {MAX_SMALL_BODY} bytes"
+        if code == 413:
+            # A length past what the server takes at all (2**62 bytes): the
+            # endpoint's own limit, far lower, is in its error otherwise.
+            return "the body is over the server's limit"
         if isinstance(self.request.error, _Timeout):
             return str(self.request.error.body)
         return said
@@ -545,6 +564,7 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
     linger_until = 0.0
     linger_budget = 0
     linger_shut = False
+    pipeline_full = False
 
     @property
     def request_timeout(self) -> float:
@@ -563,6 +583,8 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
                 return True
             if self.will_close or self.close_when_flushed:
                 return False
+            if self.pipeline_full:
+                return True
             while data:
                 if self.request is None:
                     self.request = self.parser_class(self.adj)
@@ -591,10 +613,20 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
                     self._dispatch_streaming(request)
                 if request.completed:
                     self._completed(request)
+                    if len(self.requests) >= MAX_PIPELINED:
+                        self._stop_reading_ahead()
+                        break
                 if consumed >= len(data):
                     break
                 data = data[consumed:]
         return True
+
+    def _stop_reading_ahead(self) -> None:
+        # Caller holds requests_lock. The client learns from the last answer
+        # that the connection closes, and sends the rest again elsewhere
+        # (RFC 9112, section 9.3.2).
+        self.requests[-1].headers["CONNECTION"] = "close"
+        self.pipeline_full = True
 
     def _dispatch_streaming(self, request: StreamingParser) -> None:
         # Caller holds requests_lock.
@@ -651,6 +683,8 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
                 self.will_close = True
                 return False
             return True
+        if self.pipeline_full:
+            return False
         request = self.request
         if request is None:
             return bool(super().readable())

@@ -416,6 +416,16 @@ class TestConnections:
         finally:
             raw.close()
 
+    def test_an_upstream_that_stops_reading_the_body_is_a_timeout(self, make):
+        """Its kernel takes the connection, nobody reads: 504, not unreachable."""
+        with socket.create_server(("127.0.0.1", 0)) as deaf:
+            url = f"http://127.0.0.1:{deaf.getsockname()[1]}/x"
+            forwarder = make(connect_timeout=1.0, read_timeout=1.0, body_timeout=1.0)
+            started = time.monotonic()
+            with pytest.raises(UpstreamTimeout):
+                send(forwarder, url, body=b"x" * (32 * 1024 * 1024))
+            assert time.monotonic() - started < 10.0
+
     def test_a_head_dripped_after_its_status_line_is_a_timeout(self, make):
         """The status came in time, the head did not: no status to relay."""
         raw = RawUpstream(

@@ -322,6 +322,21 @@ class TestServe:
         with serving(home):
             assert [p.name for p in staging.iterdir()] == ["89ab.prev"]
 
+    def test_a_killed_uploads_fresh_copy_goes_soon_after_a_quick_restart(
+        self, tmp_path
+    ):
+        """Too fresh for the start-up sweep, it goes at the first one after."""
+        home = tmp_path / "home"
+        staging = home / "filemanager" / ".dais-staging"
+        staging.mkdir(parents=True)
+        dead = staging / "0123.part"
+        dead.write_bytes(b"half an upload, written to a moment ago")
+        with serving(home):
+            deadline = time.monotonic() + 15
+            while dead.exists():
+                assert time.monotonic() < deadline, "the dead copy was never swept"
+                time.sleep(0.2)
+
     def test_stale_staging_files_are_swept_at_start(self, tmp_path):
         """A killed process's staged file goes at start; a live one stays."""
         home = tmp_path / "home"

@@ -263,6 +263,41 @@ class TestReservedWorkers:
         assert not (gateway.filemanager / "p1/big/other").exists()
 
 
+class TestPipelining:
+    """A connection's requests read ahead are bounded."""
+
+    def test_pipelined_requests_past_the_bound_close_the_connection(self, gateway):
+        """Sixteen are answered, the last saying it closes; the rest are not read."""
+        with connect(gateway) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
+            heads = read_answers(sock, 16)
+            assert all(h.startswith(b"HTTP/1.1 200 ") for h in heads)
+            assert b"Connection: close" not in heads[14]
+            assert b"\r\nConnection: close\r\n" in heads[15] + b"\r\n"
+            assert closed_by_server(sock)
+
+    def test_clients_that_never_read_their_answers_hold_no_worker(self, gateway):
+        """Big answers piled up unread do not keep /healthz from an answer."""
+        port = int(gateway.url.rsplit(":", 1)[1])
+        hogs = []
+        try:
+            for _ in range(8):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", port))
+                with contextlib.suppress(OSError):
+                    sock.setblocking(False)
+                    sock.send(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 400)
+                hogs.append(sock)
+            time.sleep(1.0)
+            with connect(gateway) as probe:
+                probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_answer(probe).startswith(b"HTTP/1.1 200 ")
+        finally:
+            for sock in hogs:
+                sock.close()
+
+
 class TestChunked:
     """Bodies without Content-Length are accepted and limited like any other."""
 
