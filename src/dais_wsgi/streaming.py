@@ -503,6 +503,8 @@ class KeepAliveTask(WSGITask):  # type: ignore[misc]
         """
         request = self.request
         if _body_unfinished(request):
+            # Before the answer can be flushed: see StreamingChannel.handle_close.
+            self.channel.linger_pending = True
             self.set_close_on_finish()
         if _asks_to_close(request.headers.get("CONNECTION", "")):
             # waitress closes for "close" alone; RFC 9112, section 9.6, for
@@ -564,6 +566,9 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
     linger_until = 0.0
     linger_budget = 0
     linger_shut = False
+    #: An answer is on its way while the client may still be sending: once
+    #: it is flushed, drain before closing (see :meth:`handle_close`).
+    linger_pending = False
     pipeline_full = False
 
     @property
@@ -714,6 +719,7 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
             request.error = _Timeout("the request did not finish within its deadline")
             request.completed = True
             request.timed_out = True
+            self.linger_pending = True
             self._completed(request)
 
     def handle_read(self) -> None:
@@ -723,7 +729,18 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
             self._fail_body()
 
     def handle_close(self) -> None:
-        """Close the socket; a streamed body still coming ends with an error."""
+        """Close the socket; a streamed body still coming ends with an error.
+
+        When the answer to a request whose body was left unread has been
+        flushed, the connection lingers first instead: closing a socket with
+        unread input resets it, and the client may lose the answer. The
+        worker that wrote the answer switches to lingering too, in
+        :meth:`service`, but the event loop may flush and get here first.
+        """
+        if self.linger_pending and not self.linger_until and self.connected:
+            with self.requests_lock:
+                self._start_lingering()
+            return
         self._fail_body()
         super().handle_close()
 
@@ -753,12 +770,17 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
         super().service()
         if _body_unfinished(request) or request.timed_out:
             with self.requests_lock:
-                if self.request is request:
-                    self.request = None
-                self.close_when_flushed = False
-                self.linger_until = time.monotonic() + LINGER_SECONDS
-                self.linger_budget = LINGER_BYTES
+                if not self.linger_until:
+                    self._start_lingering()
             self.server.pull_trigger()
+
+    def _start_lingering(self) -> None:
+        # Caller holds requests_lock.
+        self.request = None
+        self.will_close = False
+        self.close_when_flushed = False
+        self.linger_until = time.monotonic() + LINGER_SECONDS
+        self.linger_budget = LINGER_BYTES
 
     def _fail_body(self) -> None:
         request = self.request

@@ -10,6 +10,7 @@ import resource
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -336,6 +337,12 @@ class TestChunked:
         assert wait_until_empty(gateway) == []
 
 
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    """Send what the server takes; it may close before the end."""
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
 def raw_chunked_upload_head(gateway: Gateway, token: str, resource: str) -> bytes:
     """The headers of a chunked upload, and its first chunk: the part's head."""
     boundary = "b0undary"
@@ -374,6 +381,21 @@ class TestChunkFraming:
             assert read_status(sock) == 400
         assert not (gateway.filemanager / "p1/big/x").exists()
         assert wait_until_empty(gateway) == []
+
+    def test_a_client_still_sending_gets_the_refusal_whole(self, gateway, grant):
+        """The 400 for framing that outweighs the body ends in a close, not a reset."""
+        request = raw_chunked_upload_head(gateway, grant[1], "big/x")
+        request += b"7\r\nzzzzzzz\r\n" * 250_000
+        for _ in range(10):
+            with connect(gateway) as sock:
+                sender = threading.Thread(target=_send_quietly, args=(sock, request))
+                sender.start()
+                answer = b""
+                # To the end: a reset instead of a clean close fails the test.
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                sender.join(10)
+            assert answer.startswith(b"HTTP/1.1 400 "), answer
 
     def test_a_bad_chunk_ends_the_connection(self, gateway, grant):
         """What follows broken framing is never read as a request of its own."""
