@@ -118,6 +118,9 @@ class Login:
         try:
             admin = authenticate_admin(self.runtime.admin, token, self.runtime.clock())
         except Unauthenticated as exc:
+            if _posted_json(req):
+                # An API client, not a form: the refusal as JSON.
+                raise
             resp.status = 401
             _form(resp, target, exc.message)
             return
@@ -239,6 +242,12 @@ def _logged_in(resp: falcon.Response, admin: AdminToken) -> None:
         f"<code>{_e(admin.id)}</code>.</p>{reach}"
         "<form method=post action='/app/logout'><button>Log out</button></form>",
     )
+
+
+def _posted_json(req: falcon.Request) -> bool:
+    """Whether the body was sent as JSON (by a program, not a form)."""
+    media_type = (req.content_type or "").partition(";")[0].strip().lower()
+    return media_type == falcon.MEDIA_JSON
 
 
 def area_error(req: falcon.Request, resp: falcon.Response, message: str) -> None:

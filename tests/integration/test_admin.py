@@ -853,6 +853,21 @@ class TestProjectArea:
         assert "<form method=post" in text
         assert "Set-Cookie" not in login.headers
 
+    def test_a_wrong_token_posted_as_json_gets_a_json_error(self, gateway):
+        """An API client asking for JSON gets the 401 as JSON, not the form."""
+        http = urllib3.PoolManager(retries=False)
+        login = http.request(
+            "POST",
+            f"{gateway.url}/app/login",
+            body=json.dumps({"token": "daisadm_0000000000000000_nope"}).encode(),
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            redirect=False,
+        )
+        assert login.status == 401
+        assert login.headers["Content-Type"] == "application/json"
+        assert login.json()["error"] == "unauthenticated"
+        assert "Set-Cookie" not in login.headers
+
     @pytest.mark.parametrize(
         "headers",
         [
