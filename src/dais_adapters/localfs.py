@@ -368,7 +368,8 @@ class LocalFolderStorage:
                 _PREVIOUS: now - min_age,
             }
             for name in os.listdir(folder):
-                cutoff = cutoffs.get(name[-5:])
+                suffix = os.path.splitext(name)[1]
+                cutoff = cutoffs.get(suffix)
                 if cutoff is not None and _remove_if_stale(folder, name, cutoff):
                     removed += 1
         finally:

@@ -86,13 +86,18 @@ def grant(gateway: Gateway) -> tuple[str, str]:
     )
 
 
+BOUNDARY = "b0undary"
+#: The opening of the multipart body of the raw uploads below: the head of
+#: the one file part.
+OPENING = (
+    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="data"; '
+    f'filename="x"\r\nContent-Type: application/octet-stream\r\n\r\n'
+).encode()
+
+
 def raw_upload_head(gateway: Gateway, token: str, resource: str, length: int) -> bytes:
     """The headers and opening of a multipart upload with a declared length."""
-    boundary = "b0undary"
-    opening = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="data"; '
-        f'filename="x"\r\nContent-Type: application/octet-stream\r\n\r\n'
-    ).encode()
+    boundary, opening = BOUNDARY, OPENING
     port = gateway.url.rsplit(":", 1)[1]
     head = (
         f"POST /integration/v1/resources/{resource} HTTP/1.1\r\n"
@@ -345,11 +350,7 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
 
 def raw_chunked_upload_head(gateway: Gateway, token: str, resource: str) -> bytes:
     """The headers of a chunked upload, and its first chunk: the part's head."""
-    boundary = "b0undary"
-    opening = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="data"; '
-        f'filename="x"\r\nContent-Type: application/octet-stream\r\n\r\n'
-    ).encode()
+    boundary, opening = BOUNDARY, OPENING
     head = (
         f"POST /integration/v1/resources/{resource} HTTP/1.1\r\nHost: x\r\n"
         f"Authorization: Bearer {token}\r\n"
