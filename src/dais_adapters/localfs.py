@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dais_adapters._directio import NewFile
 from dais_adapters.hooks import StorageContext, hookimpl
-from dais_core.errors import PublishFailed
+from dais_core.errors import LocationConflict, PublishFailed
 from dais_core.ports import Storage
 from dais_core.rules import Location
 
@@ -263,8 +263,10 @@ class LocalFolderStorage:
         cannot lead the file, or the folders made for it, outside the root.
 
         Raises:
-            PublishFailed: The location is a folder, or resolves (through a
-                symbolic link, say) outside the root.
+            LocationConflict: A folder is where the file goes, or a file
+                where one of its folders goes.
+            PublishFailed: The location names a folder, or resolves
+                (through a symbolic link, say) outside the root.
         """
         if location.is_folder:
             raise PublishFailed(f"{location.uri} names a folder, not a file")
@@ -278,9 +280,15 @@ class LocalFolderStorage:
                 missing.insert(0, existing.name)
                 existing = existing.parent
             real_existing = existing.resolve()
+            in_a_folder = stat.S_ISDIR(os.stat(real_existing).st_mode)
         self._contained(real_existing, real_root, location)
+        if not in_a_folder:
+            raise LocationConflict(
+                f"a file in the File Manager stands where a folder of "
+                f"{location.uri} goes"
+            )
         if not missing and path.is_dir():
-            raise PublishFailed(f"{location.uri} is a folder in the File Manager")
+            raise LocationConflict(f"{location.uri} is a folder in the File Manager")
         return real_existing.joinpath(*missing, path.name), tuple(missing)
 
     @staticmethod

@@ -19,6 +19,7 @@ and asks :func:`status_for` which status to send::
     ├── UnsupportedType                415 unsupported_type
     ├── Throttled                      429 throttled
     ├── PublishFailed                  500 publish_failed
+    │   └── LocationConflict           409 location_conflict
     ├── UpstreamUnreachable            502 upstream_unreachable
     ├── Unavailable                    503 unavailable
     │   └── Busy                       503 busy
@@ -42,6 +43,7 @@ __all__ = [
     "InvalidData",
     "InvalidResourceId",
     "InvalidRoute",
+    "LocationConflict",
     "NotFound",
     "PublishFailed",
     "RequestTimeout",
@@ -175,6 +177,17 @@ class PublishFailed(DaisError):
     code = "publish_failed"
 
 
+class LocationConflict(PublishFailed):
+    """A location holds something else where the file or its folders go.
+
+    A folder stands where the file goes, or a file where one of its folders
+    goes: the name the caller chose clashes with what the location holds,
+    not with the storage's health, so the publish fails with 409.
+    """
+
+    code = "location_conflict"
+
+
 class UpstreamUnreachable(DaisError):
     """The gateway could not connect to the upstream service."""
 
@@ -220,6 +233,7 @@ STATUS_BY_ERROR: Mapping[type[DaisError], int] = {
     UnsupportedType: 415,
     Throttled: 429,
     PublishFailed: 500,
+    LocationConflict: 409,
     UpstreamUnreachable: 502,
     Unavailable: 503,
     UpstreamTimeout: 504,

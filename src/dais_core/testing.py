@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 
 from dais_core.admin import AdminSession, AdminToken
-from dais_core.errors import PublishFailed
+from dais_core.errors import LocationConflict, PublishFailed
 from dais_core.policies import Decision, RatePolicy, gcra
 from dais_core.rules import Location
 from dais_core.values import Credential, ForwardRecord, PublishRecord, ServiceEndpoint
@@ -121,8 +121,11 @@ class MemoryStorage:
         self.staged: set[_MemoryStaged] = set()
         self.fail_on_write: set[str] = set()
         self.fail_on_commit: set[str] = set()
+        self.clash_on_stage: set[str] = set()
 
     def stage(self, location: Location) -> _MemoryStaged:
+        if location.uri in self.clash_on_stage:
+            raise LocationConflict(f"{location.uri} is a folder")
         staged = _MemoryStaged(self, location)
         self.staged.add(staged)
         return staged

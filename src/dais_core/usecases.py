@@ -17,6 +17,7 @@ from dais_core.errors import (
     DaisError,
     Forbidden,
     InvalidData,
+    LocationConflict,
     PublishFailed,
     TooLarge,
     Unauthenticated,
@@ -234,7 +235,11 @@ class _Publication:
         self.states = ["pending"] * len(target.locations)
 
     def fail(self, index: int, error: DaisError, message: str) -> PublishFailed:
-        """Record ``index`` as failed and build the 500 with every outcome."""
+        """Record ``index`` as failed and build the error with every outcome.
+
+        A clash of names at the failing location (:class:`LocationConflict`)
+        stays one, so that the caller sees 409; any other failure is 500.
+        """
         self.states[index] = "failed"
         shown = {"pending": "aborted", "staged": "aborted"}
         outcomes = [
@@ -242,6 +247,12 @@ class _Publication:
             | ({"reason": error.message} if state == "failed" else {})
             for location, state in zip(self.target.locations, self.states, strict=True)
         ]
+        if isinstance(error, LocationConflict):
+            clash = "a location holds something else under that name"
+            return LocationConflict(
+                message.replace("a storage location failed", clash, 1),
+                locations=outcomes,
+            )
         return PublishFailed(message, locations=outcomes)
 
     def abort(self) -> None:

@@ -83,19 +83,34 @@ class TestAllOrNothing:
         assert (gateway.filemanager / "p1/a/x").read_bytes() == b"old"
         assert list((gateway.filemanager / ".dais-staging").iterdir()) == []
 
-    def test_a_location_that_cannot_be_staged_changes_nothing(self, gateway):
-        """A destination that is a folder fails the publish before any write."""
+    def test_a_folder_where_the_file_goes_is_a_conflict(self, gateway):
+        """A destination that is a folder fails the publish with 409, unwritten."""
         (gateway.filemanager / "p1/b/x").mkdir(parents=True)
         _, token = gateway.make_key(
             grants=(("x", ("filemanager://p1/a/x", "filemanager://p1/b/x"), BINARY),)
         )
         response = post(gateway, token, "x", b"data")
-        assert response.status == 500
-        assert [o["outcome"] for o in response.json()["locations"]] == [
-            "aborted",
-            "failed",
-        ]
+        assert response.status == 409
+        body = response.json()
+        assert body["error"] == "location_conflict"
+        assert [o["outcome"] for o in body["locations"]] == ["aborted", "failed"]
         assert not (gateway.filemanager / "p1/a/x").exists()
+        assert list((gateway.filemanager / ".dais-staging").iterdir()) == []
+
+    @pytest.mark.parametrize("resource", ["d/a/x", "d/a/b/x"])
+    def test_a_file_where_a_folder_goes_is_a_conflict(self, gateway, resource):
+        """Publishing under a name that is already a file is 409; the file stays."""
+        _, token = gateway.make_key(grants=(("d/", ("filemanager://p1/d/",), BINARY),))
+        assert post(gateway, token, "d/a", b"kept").status == 200
+
+        response = post(gateway, token, resource, b"data")
+
+        assert response.status == 409
+        body = response.json()
+        assert body["error"] == "location_conflict"
+        assert "stands where a folder" in body["locations"][0]["reason"]
+        assert (gateway.filemanager / "p1/d/a").read_bytes() == b"kept"
+        assert list((gateway.filemanager / ".dais-staging").iterdir()) == []
 
     def test_concurrent_uploads_never_mix_locations(self, start_gateway):
         """Of many concurrent uploads, one wins at both locations."""

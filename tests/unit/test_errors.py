@@ -17,6 +17,7 @@ from dais_core.errors import (
     InvalidData,
     InvalidResourceId,
     InvalidRoute,
+    LocationConflict,
     NotFound,
     PublishFailed,
     RequestTimeout,
@@ -31,8 +32,8 @@ from dais_core.errors import (
     status_for,
 )
 
-# The status table of SPEC.md, row by row, plus the two statuses the error
-# module adds (408, 503) and the root.
+# The status table of SPEC.md, row by row, plus the statuses the error module
+# adds (408, 409, 503) and the root.
 SPEC_STATUSES = [
     (InvalidData, 400),
     (InvalidRoute, 400),
@@ -48,6 +49,7 @@ SPEC_STATUSES = [
     (UnsupportedType, 415),
     (Throttled, 429),
     (PublishFailed, 500),
+    (LocationConflict, 409),
     (UpstreamUnreachable, 502),
     (Unavailable, 503),
     (Busy, 503),

@@ -15,6 +15,7 @@ from dais_core.errors import (
     CorruptData,
     Forbidden,
     InvalidData,
+    LocationConflict,
     NotFound,
     PublishFailed,
     TooLarge,
@@ -375,6 +376,24 @@ class TestPublish:
             uri: "failed" if uri == failing else "aborted"
             for uri in [FM + "a.csv", S3 + "a.csv"]
         }
+
+    def test_a_name_clashing_at_one_location_is_a_conflict(self):
+        """A clash of names at one location is 409 and stages nothing anywhere."""
+        storages = _storages()
+        _seed(storages, b"old")
+        storages["s3"].clash_on_stage.add(S3 + "a.csv")
+
+        with pytest.raises(LocationConflict) as caught:
+            publish("a.csv", _target(), [b"new"], storages, max_size=100)
+
+        assert status_for(caught.value) == 409
+        assert caught.value.message.startswith("a location holds something else")
+        assert set(_files(storages).values()) == {b"old"}
+        assert _nothing_staged(storages)
+        assert [o["outcome"] for o in caught.value.detail["locations"]] == [
+            "aborted",
+            "failed",
+        ]
 
     def test_a_failing_first_commit_aborts_every_copy(self):
         """A commit error on the first location leaves every earlier file in place."""
