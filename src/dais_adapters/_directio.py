@@ -23,6 +23,7 @@ fails with ``EINVAL``, the file goes through the page cache instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -53,7 +54,11 @@ class _Block:
 
     def free(self) -> None:
         self.view.release()
-        self.memory.close()
+        # A slice of the block may still be alive: the traceback of a failed
+        # write holds one while its error is handled. The memory then goes
+        # with the last slice.
+        with contextlib.suppress(BufferError):
+            self.memory.close()
 
 
 class NewFile:

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import sqlite3
@@ -15,7 +16,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 import urllib3
 
@@ -53,26 +56,40 @@ def refused(home: Path, *args: str) -> str:
 
 
 @contextlib.contextmanager
-def serving(home: Path, *options: str) -> Iterator[str]:
+def serving(
+    home: Path, *options: str, file_size_limit: int | None = None
+) -> Iterator[str]:
     """Run ``dais-gateway serve`` on a free port; yield the line it announces."""
-    with serving_process(home, *options) as (line, _):
+    with serving_process(home, *options, file_size_limit=file_size_limit) as (
+        line,
+        _,
+    ):
         yield line
 
 
 @contextlib.contextmanager
 def serving_process(
-    home: Path, *options: str
+    home: Path, *options: str, file_size_limit: int | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """Run ``dais-gateway serve``; yield the line it announces and the process.
 
     The process is stopped with SIGTERM afterwards and must exit cleanly;
     one that does not is killed, so that no test leaves a server behind.
+    ``file_size_limit`` caps the size of any file it writes (``RLIMIT_FSIZE``),
+    so that its writes past that size fail as on a full disk.
     """
+
+    def cap_file_size() -> None:
+        if file_size_limit is not None:
+            limit = (file_size_limit, file_size_limit)
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+
     process = subprocess.Popen(
         [COMMAND, "--home", str(home), "serve", "--port", "0", *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        preexec_fn=cap_file_size,
     )
     try:
         assert process.stdout is not None
@@ -309,6 +326,42 @@ class TestServe:
             assert len(upstream.calls) == calls_before_refusal
         finally:
             upstream.close()
+
+    def test_a_write_refused_mid_publish_changes_no_location(self, tmp_path, bucket):
+        """A full disk at the second location rolls back the first: a 500 as told.
+
+        The File Manager's disk refuses the file's last bytes (a cap on the
+        file size stands in for a full disk) after the S3 copy committed.
+        """
+        home = tmp_path / "home"
+        created = json.loads(run(home, "keys", "create", "--project", "p1", "--json"))
+        first, second = f"s3://{bucket}/x", "filemanager://p1/x"
+        to = ["--to", first, "--to", second]
+        run(home, "grants", "add", str(created["id"]), "--resource", "x", *to)
+        http = urllib3.PoolManager(retries=False)
+        auth = {"Authorization": f"Bearer {created['key']}"}
+        cap = 8 * 1024 * 1024
+
+        with serving(home, "--upload-rate", "100", file_size_limit=cap) as line:
+            url = f"{line.split()[3]}/integration/v1/resources/x"
+
+            def post(content: bytes) -> Any:
+                fields = {"data": ("x", content, "application/octet-stream")}
+                return http.request("POST", url, fields=fields, headers=auth)
+
+            assert post(b"old").status == 200
+            refused_publish = post(b"n" * (cap + 5))
+
+        assert refused_publish.status == 500, refused_publish.data
+        body = refused_publish.json()
+        assert body["error"] == "publish_failed"
+        outcomes = [o["outcome"] for o in body["locations"]]
+        assert outcomes == ["rolled_back", "failed"]
+        assert "File too large" in body["locations"][1]["reason"]
+        s3 = boto3.session.Session().client("s3")
+        assert s3.get_object(Bucket=bucket, Key="x")["Body"].read() == b"old"
+        assert (home / "filemanager/p1/x").read_bytes() == b"old"
+        assert list((home / "filemanager/.dais-staging").iterdir()) == []
 
     def test_a_killed_uploads_copy_goes_at_start_whatever_the_deadline(self, tmp_path):
         """An unlocked staged copy has no writer: it goes; a .prev waits its age."""

@@ -149,3 +149,46 @@ def test_a_failed_write_on_the_writer_thread_reaches_the_caller(
         target.close()
         """
     assert run_python(script).strip() == "raised EFBIG"
+
+
+@pytest.mark.parametrize(
+    ("limit", "size"),
+    [
+        # The tail, written through the page cache by flush(), is refused.
+        ("BLOCK", "BLOCK + 5"),
+        # The second block's direct write is cut short, and the rest refused.
+        ("BLOCK + BLOCK // 2", "3 * BLOCK"),
+    ],
+    ids=["tail", "short-block"],
+)
+def test_a_file_whose_write_failed_closes_while_the_error_is_handled(
+    tmp_path: Path, limit: str, size: str
+) -> None:
+    """close() frees every block even while the write's error is in hand.
+
+    The error's traceback may still hold a slice of a block; closing the
+    file then must neither fail nor keep the descriptor open.
+    """
+    script = f"""
+        import errno, os, resource, signal, sys
+        from pathlib import Path
+        from dais_adapters._directio import BLOCK, NewFile
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        target = NewFile(Path({str(tmp_path / "f.part")!r}))
+        try:
+            target.write(b"x" * ({size}))
+            target.flush()
+        except OSError as exc:
+            fd = target.fileno()
+            target.close()
+            try:
+                os.fstat(fd)
+            except OSError:
+                print("raised", errno.errorcode[exc.errno], "and closed")
+            else:
+                print("still open")
+        else:
+            print("no error")
+        """
+    assert run_python(script).strip() == "raised EFBIG and closed"
