@@ -403,10 +403,9 @@ def _remove_if_stale(folder: int, name: str, cutoff: float) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(name, dir_fd=folder)
     except BlockingIOError:
         return False  # its writer is alive
-    try:
-        os.unlink(name, dir_fd=folder)
     except FileNotFoundError:
         return False
     finally:

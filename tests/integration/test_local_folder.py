@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -45,6 +46,17 @@ class TestSweep:
         staged.commit()
         staged.release()
         assert (storage.root / "p1/x.bin").read_bytes() == b"half"
+
+    def test_a_copy_being_written_keeps_no_descriptor_of_the_sweep(self, storage):
+        """Leaving a locked copy alone leaves nothing of the sweep's open."""
+        staged = storage.stage(parse_location("filemanager://p1/x.bin"))
+        staged.write(b"half")
+        time.sleep(0.01)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            assert storage.sweep(min_age=0) == 0
+        assert len(os.listdir("/proc/self/fd")) == before
+        staged.abort()
 
     def test_only_staged_and_previous_files_go(self, storage):
         """A dead .part and .prev go; other names and folders stay."""
