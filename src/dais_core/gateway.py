@@ -86,8 +86,10 @@ _HOST = re.compile(
     r"[A-Za-z0-9.-]{1,253}(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?"
 )
 # Prefixes of headers the gateway asserts itself (or that only a trusted
-# proxy may assert): the caller's are dropped, whatever follows the prefix.
-_OWN_PREFIXES = ("x-dais-", "dais-", "x-forwarded-")
+# proxy may assert), and of the proxy's own fields (Proxy-Authorization,
+# Proxy-Status, ...), which concern the hop to the gateway: the caller's are
+# dropped, whatever follows the prefix.
+_DROPPED_PREFIXES = ("x-dais-", "dais-", "x-forwarded-", "proxy-")
 #: A Host field value (RFC 9112, section 3.2): an RFC 3986 host, then an
 #: optional port; empty when the target has no authority. A comma, which
 #: RFC 3986 allows in a name but no DNS name holds, is refused: two Host
@@ -243,7 +245,7 @@ def upstream_headers(
         if (low := name.lower()) not in HOP_BY_HOP
         and low not in _DROPPED
         and low not in named
-        and not low.startswith(_OWN_PREFIXES)
+        and not low.startswith(_DROPPED_PREFIXES)
     ]
     chain = f"{trusted_chain}, {client}" if trusted_chain else client
     kept += [("X-Forwarded-For", chain), ("X-Forwarded-Proto", proto)]

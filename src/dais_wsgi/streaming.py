@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 from waitress.channel import HTTPChannel
-from waitress.parser import HTTPRequestParser, ParsingError
+from waitress.parser import HTTPRequestParser, ParsingError, get_header_lines
 from waitress.receiver import ChunkedReceiver
 from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import BadRequest
@@ -349,8 +349,8 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
     def parse_header(self, header_plus: bytes) -> None:
         """Parse the head; note whether the body streams; refuse bad framing.
 
-        Refused: a request framed two ways at once, an HTTP/1.0 request with
-        a ``Transfer-Encoding``, an unreadable ``Content-Length``, an HTTP/1.1
+        Refused: a request framed two ways at once, a body chunked twice, an
+        HTTP/1.0 request with a ``Transfer-Encoding``, an unreadable ``Content-Length``, an HTTP/1.1
         request with no ``Host``, a ``Host`` that is not one host[:port], and
         a target in absolute form that is not ``http`` or ``https`` with such
         a host.
@@ -366,6 +366,11 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
         if self.chunked and "CONTENT_LENGTH" in self.headers:
             self.connection_close = True
             raise ParsingError("both Content-Length and Transfer-Encoding were sent")
+        if self.chunked and _transfer_codings(header_plus) != [b"chunked"]:
+            # waitress decodes once however often "chunked" is named; a
+            # server in front that decodes twice frames the body otherwise.
+            self.connection_close = True
+            raise ParsingError("a body is chunked once (RFC 9112, section 6.1)")
         if "TRANSFER_ENCODING" in self.headers:
             # waitress decodes chunks for HTTP/1.1 only, and leaves the header
             # of an HTTP/1.0 request, whose framing is then faulty whatever
@@ -397,6 +402,21 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
         elif not valid_host(host):
             # RFC 9112, section 3.2: also two Host lines, joined by waitress.
             raise ParsingError("the Host header must be one host[:port]")
+
+
+def _transfer_codings(header_plus: bytes) -> list[bytes]:
+    """Return the transfer codings a request head names, in order.
+
+    Every ``Transfer-Encoding`` line counts, folded lines joined, and empty
+    list elements are skipped (RFC 9110, section 5.6.1).
+    """
+    codings: list[bytes] = []
+    for line in get_header_lines(header_plus.partition(b"\r\n")[2]):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"transfer-encoding":
+            elements = (element.strip(b" \t").lower() for element in value.split(b","))
+            codings += [element for element in elements if element]
+    return codings
 
 
 @functools.lru_cache(maxsize=8)

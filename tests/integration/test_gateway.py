@@ -213,16 +213,21 @@ class TestForwarding:
         assert upstream.calls == []
 
     def test_a_proxy_header_is_not_passed_on(self, http, gateway, upstream, caller):
-        """``Proxy`` would become HTTP_PROXY in a CGI-style upstream (httpoxy)."""
+        """``Proxy`` (httpoxy in a CGI-style upstream) and ``Proxy-*`` stay here."""
         response = call(
             http,
             gateway,
             caller,
             f"{BASE}/p1/lineage-version/3/svc/api/webhook",
-            headers={"Proxy": "http://127.0.0.1:9/"},
+            headers={
+                "Proxy": "http://127.0.0.1:9/",
+                "Proxy-Status": "x",
+                "Proxy-A": "y",
+            },
         )
         assert response.status == 200
-        assert "proxy" not in upstream.calls[-1].headers
+        forwarded = upstream.calls[-1].headers
+        assert not [name for name in forwarded if name.lower().startswith("proxy")]
 
     def test_caller_gets_the_upstream_status_with_an_empty_body(
         self, http, gateway, upstream, caller
@@ -620,6 +625,29 @@ class TestSmugglingAndOverrides:
         head, _, body = answer.partition(b"\r\n\r\n")
         assert b"Content-Type: application/json" in head
         assert json.loads(body)["error"] == "invalid_data"
+        assert upstream.calls == []
+
+    @pytest.mark.parametrize(
+        "framing",
+        [
+            b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            b"Transfer-Encoding: chunked, chunked\r\n",
+            b"Transfer-Encoding: chunked\r\n  , chunked\r\n",
+        ],
+        ids=["two-lines", "one-line", "folded"],
+    )
+    def test_chunked_twice_is_refused_and_closed(
+        self, gateway, upstream, caller, framing
+    ):
+        """A body cannot be chunked twice (RFC 9112, 6.1): 400 and close."""
+        head = (
+            "POST /project-gateway/webhooks/p1/lineage-version/3/svc/api/webhook/x"
+            f" HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {caller}\r\n"
+        ).encode()
+        body = b'7\r\n{"x":1}\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'
+        answer = exchange(gateway, head + framing + b"\r\n" + body)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert answer.count(b"HTTP/1.1 ") == 1, answer
         assert upstream.calls == []
 
     @pytest.mark.parametrize(

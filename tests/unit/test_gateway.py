@@ -209,6 +209,8 @@ class TestUpstreamHeaders:
             "Authorization",
             "authorization",
             "Proxy-Authorization",
+            "Proxy-Status",
+            "proxy-anything",
             "Cookie",
             "Host",
             "Content-Length",
