@@ -32,7 +32,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import (
     TimeoutError as Urllib3Timeout,
 )
-from urllib3.util import parse_url
+from urllib3.util import SKIP_HEADER, parse_url
 
 from dais_adapters.hooks import ForwarderOptions, hookimpl
 from dais_core.errors import UpstreamTimeout, UpstreamUnreachable
@@ -66,6 +66,9 @@ def _timed_out(exc: BaseException) -> bool:
         isinstance(arg, TimeoutError) for arg in getattr(exc, "args", ())
     )
 
+
+#: Headers urllib3 adds on its own unless the caller sent them.
+_CLIENT_DEFAULTS = ("User-Agent", "Accept-Encoding")
 
 #: Response bodies up to this size are read and dropped so the connection can
 #: be reused; longer or unsized ones close the connection instead, so a slow
@@ -204,6 +207,9 @@ class Urllib3Forwarder:
         headers = urllib3.HTTPHeaderDict()
         for name, value in request.headers:
             headers.add(name, value)
+        for name in _CLIENT_DEFAULTS:
+            # Only what the caller sent: urllib3 would name itself.
+            headers.setdefault(name, SKIP_HEADER)
         chunked = request.body is not None and request.content_length is None
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
@@ -226,9 +232,12 @@ class Urllib3Forwarder:
                 preload_content=False,
                 assert_same_host=False,
             )
-            # An upstream may send a body after a HEAD answer anyway; those
-            # bytes would be read as the next call's answer.
-            _discard(response, request.method != "HEAD", deadline)
+            # An upstream may send a body after a HEAD answer anyway, and
+            # http.client returns an interim (1xx) answer as if it were the
+            # last: the bytes that follow would be read as the next call's
+            # answer, so the connection goes.
+            reuse = request.method != "HEAD" and response.status >= 200
+            _discard(response, reuse, deadline)
         if deadline.expired:
             # The cut came while the head was read: http.client takes the
             # end of the stream for the end of the head, so the status it

@@ -212,6 +212,13 @@ class TestFaithful:
         got = upstream.calls[-1].headers["x-name"]
         assert got.encode("latin-1") == b"caf\xe9 \xff"
 
+    def test_the_client_names_itself_and_its_codings_nowhere(self, make, upstream):
+        """No User-Agent or Accept-Encoding the caller did not send."""
+        send(make(), upstream.url + "/x")
+        got = upstream.calls[-1].headers
+        assert "user-agent" not in got
+        assert "accept-encoding" not in got
+
     def test_the_callers_user_agent_is_kept(self, make, upstream):
         """A caller's User-Agent goes through in place of the client's own."""
         send(make(), upstream.url + "/x", headers=(("User-Agent", "partner/1.0"),))
@@ -226,6 +233,25 @@ class TestCurlExactness:
         target = "/x?q=%7e%2f&r=%c3%a9"
         send(CurlForwarder(ForwarderOptions()), upstream.url + target)
         assert upstream.calls[-1].target == target
+
+
+class TestUrllib3Answers:
+    """http.client stops at an interim answer, so its connection goes."""
+
+    def test_a_connection_that_gave_an_interim_answer_is_not_used_again(self):
+        """The final answer after a 103 never passes for the next call's."""
+        upstream = RawUpstream(
+            b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+            first=b"HTTP/1.1 103 Early Hints\r\n\r\n",
+            pace=0.005,
+        )
+        forwarder = Urllib3Forwarder(ForwarderOptions(client="urllib3"))
+        try:
+            statuses = [send(forwarder, upstream.url + f"/{n}") for n in range(3)]
+        finally:
+            upstream.close()
+        assert statuses == [103, 103, 103]
+        assert upstream.connections == 3
 
 
 class TestCurlAnswers:
