@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -16,6 +17,7 @@ __all__ = [
     "GatewayCall",
     "parse_gateway_path",
     "relayable_status",
+    "split_target",
     "upstream_headers",
     "upstream_url",
     "valid_host",
@@ -117,6 +119,42 @@ class GatewayCall:
     lineage_version: int | None
     service: str
     route: str
+
+
+def split_target(target: str) -> tuple[str, str | None]:
+    """Split a request target into its raw path and query, as the gateway does.
+
+    The gateway takes a target in origin form (``/path?query``) or in
+    absolute form (``http(s)://host[:port]/path?query``); nothing in either
+    is decoded here.
+
+    Returns:
+        The percent-encoded path, and the query (``None`` without a ``?``).
+
+    Raises:
+        InvalidRoute: The target holds a ``#``, or is absolute with another
+            scheme, no host, user information or a host that is not one
+            host[:port]: the gateway answers such a target 400.
+    """
+    if "#" in target:
+        raise InvalidRoute("a request target cannot hold a fragment ('#')")
+    if not target.startswith("/"):
+        try:
+            parts = urlsplit(target)
+        except ValueError:
+            parts = None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not valid_host(parts.netloc)
+            or not parts.netloc
+        ):
+            raise InvalidRoute(
+                "an absolute request target must be http(s)://host[:port]/path"
+            )
+        target = target[len(parts.scheme) + len("://") + len(parts.netloc) :]
+    path, mark, query = target.partition("?")
+    return path, (query if mark else None)
 
 
 def parse_gateway_path(path: str) -> GatewayCall:

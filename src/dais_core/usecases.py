@@ -18,12 +18,19 @@ from dais_core.errors import (
     Forbidden,
     InvalidData,
     LocationConflict,
+    NotFound,
     PublishFailed,
     TooLarge,
     Unauthenticated,
     status_for,
 )
-from dais_core.gateway import GatewayCall, parse_gateway_path, upstream_url
+from dais_core.gateway import (
+    GATEWAY_PREFIX,
+    GatewayCall,
+    parse_gateway_path,
+    split_target,
+    upstream_url,
+)
 from dais_core.keys import parse_token, secret_matches
 from dais_core.policies import (
     Target,
@@ -160,8 +167,7 @@ def _why_not(permission: Permission, call: GatewayCall, method: str) -> str:
 def explain(
     credential: Credential,
     method: str,
-    path: str,
-    query: str | None,
+    target: str,
     registry: ServiceRegistry,
     now: float,
 ) -> Explanation:
@@ -169,23 +175,27 @@ def explain(
 
     Args:
         credential: The key to explain for (its secret is not needed).
-        method: The HTTP method.
-        path: The raw, percent-encoded path of the call.
-        query: The raw query string; ``None`` when there was no ``?``.
+        method: The HTTP method, as the call would send it.
+        target: The request target, as the call would send it: a path and
+            query, or an absolute ``http(s)://`` URL.
         registry: Where services are registered.
         now: The current time: a key revoked or expired by then gets the
             401 its call would get.
 
     Raises:
-        InvalidData: The method is no HTTP method (the gateway would never
-            have received the call).
+        InvalidData: The method is no HTTP method the gateway takes (it
+            would never have received the call).
     """
+    if method != method.upper():
+        # Methods are case-sensitive (RFC 9110, section 9.1): the server
+        # refuses a lower-case one with the request line, before any key.
+        raise InvalidData(f"{method!r} is not an HTTP method the gateway takes")
     (method,) = check_methods([method])
     try:
+        path, query = split_target(target)
+        if not path.startswith(GATEWAY_PREFIX):
+            raise NotFound("no gateway endpoint at that path")
         _check_live(credential, now)
-    except DaisError as exc:
-        return Explanation(False, status_for(exc), exc.message)
-    try:
         call = parse_gateway_path(path)
     except DaisError as exc:
         return Explanation(False, status_for(exc), exc.message)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -458,15 +457,10 @@ class Explain(_AdminResource):
         """Say whether a key could make a gateway call, and why."""
         self.platform(req)
         body: ExplainBody = _body(req, ExplainBody)
-        try:
-            target = urlsplit(body.url)
-        except ValueError:
-            raise InvalidData("the URL does not parse") from None
         found = explain(
             self.credential(body.key_id),
             body.method,
-            target.path,
-            target.query if "?" in body.url else None,
+            body.url,
             self.store,
             self.runtime.clock(),
         )

@@ -18,7 +18,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 
@@ -275,12 +274,7 @@ def _explain(args: argparse.Namespace) -> int:
     credential = store.load(args.key_id)
     if credential is None:
         raise NotFound(f"no key {args.key_id!r}")
-    try:
-        target = urlsplit(args.url)
-    except ValueError:
-        raise InvalidData("the URL does not parse") from None
-    query = target.query if "?" in args.url else None
-    found = explain(credential, args.method, target.path, query, store, time.time())
+    found = explain(credential, args.method, args.url, store, time.time())
     if args.json:
         print(json.dumps(attrs.asdict(found, value_serializer=_plain)))
     else:

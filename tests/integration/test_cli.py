@@ -730,6 +730,13 @@ class TestExplain:
             "p1 svc /api/webhook (POST): route not at or under the prefix"
         ]
         assert refused("POST", f"{base}/api/webhook/%2e%2e/x")["status"] == 400
+        # Targets the server refuses before any key is looked at.
+        assert refused("POST", f"{base}/api/webhook/x#f")["status"] == 400
+        assert refused("POST", f"ftp://h{base}/api/webhook/x")["status"] == 400
+        assert refused("POST", f"//h{base}/api/webhook/x")["status"] == 404
+        lower_case = command(home, "explain", key_id, "post", f"{base}/api/webhook")
+        assert lower_case.returncode == 2
+        assert "not an HTTP method the gateway takes" in lower_case.stderr
 
         run(home, "keys", "revoke", key_id)
         revoked = refused("POST", f"{base}/api/webhook/x")

@@ -196,7 +196,7 @@ class TestExplain:
     def test_an_allowed_call_names_its_permission_and_upstream(self):
         """A call that would pass says which permission lets it and where it goes."""
         path = GATEWAY + "p1/lineage-version/latest/svc/api/webhook/%7Erun"
-        explanation = explain(CREDENTIAL, "post", path, "a=1", REGISTRY, NOW)
+        explanation = explain(CREDENTIAL, "POST", path + "?a=1", REGISTRY, NOW)
         assert (explanation.allowed, explanation.status) == (True, 200)
         assert explanation.route == "/api/webhook/~run"
         assert explanation.lineage_version == 2
@@ -204,12 +204,12 @@ class TestExplain:
         assert explanation.upstream == "http://svc-2:80/api/webhook/~run?a=1"
         assert explanation.considered[0].endswith(": matches")
 
-    @pytest.mark.parametrize("method", ["", "GE T", "POST\r\nX: 1"])
+    @pytest.mark.parametrize("method", ["", "GE T", "POST\r\nX: 1", "post", "Get"])
     def test_a_method_no_call_could_have_is_refused(self, method):
         """Explaining a call the gateway could never receive is a 400, not a yes."""
         path = GATEWAY + "p1/lineage-version/latest/svc/api/webhook"
         with pytest.raises(InvalidData, match="is not an HTTP method"):
-            explain(CREDENTIAL, method, path, None, REGISTRY, NOW)
+            explain(CREDENTIAL, method, path, REGISTRY, NOW)
 
     @pytest.mark.parametrize(
         ("change", "said"),
@@ -221,21 +221,59 @@ class TestExplain:
         key = attrs.evolve(CREDENTIAL.key, **change)
         credential = attrs.evolve(CREDENTIAL, key=key)
         path = GATEWAY + "p1/lineage-version/latest/svc/api/webhook/%7Erun"
-        explanation = explain(credential, "POST", path, None, REGISTRY, NOW)
+        explanation = explain(credential, "POST", path, REGISTRY, NOW)
         assert (explanation.allowed, explanation.status) == (False, 401)
         assert said in explanation.reason
+
+    @pytest.mark.parametrize(
+        ("target", "status"),
+        [
+            (GATEWAY + "p1/lineage-version/latest/svc/api/webhook#f", 400),
+            (GATEWAY + "p1/lineage-version/latest/svc/api/webhook?a=1#f", 400),
+            ("ftp://gw" + GATEWAY + "p1/lineage-version/latest/svc/api/webhook", 400),
+            (
+                "http://u@gw" + GATEWAY + "p1/lineage-version/latest/svc/api/webhook",
+                400,
+            ),
+            ("http://" + GATEWAY + "p1/lineage-version/latest/svc/api/webhook", 400),
+            ("//gw" + GATEWAY + "p1/lineage-version/latest/svc/api/webhook", 404),
+            ("/other", 404),
+        ],
+        ids=[
+            "fragment",
+            "query-fragment",
+            "ftp",
+            "userinfo",
+            "no-host",
+            "two-slashes",
+            "elsewhere",
+        ],
+    )
+    def test_a_target_the_gateway_refuses_is_explained_as_refused(self, target, status):
+        """A target refused before any key is looked at gets that status."""
+        explanation = explain(CREDENTIAL, "POST", target, REGISTRY, NOW)
+        assert (explanation.allowed, explanation.status) == (False, status)
+
+    def test_an_absolute_target_is_read_as_the_gateway_reads_it(self):
+        """``http(s)://host[:port]`` before the path changes nothing else."""
+        target = (
+            "HTTPS://gw:8443" + GATEWAY + "p1/lineage-version/latest/svc/api/webhook?a"
+        )
+        explanation = explain(CREDENTIAL, "POST", target, REGISTRY, NOW)
+        assert (explanation.allowed, explanation.status) == (True, 200)
+        assert explanation.upstream == "http://svc-2:80/api/webhook?a"
 
     def test_a_bad_path_is_explained_as_its_400(self):
         """A path the gateway would refuse gets that status and message."""
         path = GATEWAY + "p1/lineage-version/0/svc/x"
-        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY, NOW)
+        explanation = explain(CREDENTIAL, "GET", path + "?", REGISTRY, NOW)
         assert (explanation.allowed, explanation.status) == (False, 400)
         assert "lineageVersion" in explanation.reason
 
     def test_a_forbidden_call_says_why_each_permission_did_not_match(self):
         """Each permission is listed with the reason it does not cover the call."""
         path = GATEWAY + "p1/lineage-version/3/other/api/admin/x"
-        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY, NOW)
+        explanation = explain(CREDENTIAL, "GET", path + "?", REGISTRY, NOW)
         assert (explanation.allowed, explanation.status) == (False, 403)
         assert explanation.route == "/api/admin/x"
         assert [c.rsplit(": ", 1)[1] for c in explanation.considered] == [
@@ -247,14 +285,14 @@ class TestExplain:
     def test_a_route_outside_the_prefix_is_named_as_such(self):
         """A permission for the right service but another route says so."""
         path = GATEWAY + "p1/lineage-version/1/svc/api/webhookx"
-        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY, NOW)
+        explanation = explain(CREDENTIAL, "GET", path + "?", REGISTRY, NOW)
         assert explanation.status == 403
         assert explanation.considered[0].endswith("route not at or under the prefix")
 
     def test_a_permitted_call_to_nothing_is_explained_as_404(self):
         """A permitted project without the service or version is 404."""
         path = GATEWAY + "p1/lineage-version/9/svc/api/webhook"
-        explanation = explain(CREDENTIAL, "GET", path, "", REGISTRY, NOW)
+        explanation = explain(CREDENTIAL, "GET", path + "?", REGISTRY, NOW)
         assert (explanation.allowed, explanation.status) == (False, 404)
         assert "no lineage version 9" in explanation.reason
 
