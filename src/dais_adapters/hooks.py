@@ -87,7 +87,7 @@ class Specs:
         raise NotImplementedError
 
     @hookspec
-    def dais_inspectors(self) -> Sequence[Inspector]:
+    def dais_inspectors(self, context: StorageContext) -> Sequence[Inspector]:
         """Return deeper checks of staged copies, run before any commit."""
         raise NotImplementedError
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-from dais_adapters.hooks import hookimpl
+from dais_adapters.hooks import StorageContext, hookimpl
+from dais_adapters.localfs import LocalFolderStorage
 from dais_core.errors import CorruptData
 from dais_core.ports import Inspector, StagedWrite
 from dais_core.values import DataType
@@ -39,8 +40,31 @@ def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
         connection.close()
 
 
+def _local(staged: Sequence[StagedWrite]) -> list[Callable[[], Path]]:
+    """The ``flushed_path`` of each staged copy that is a local file."""
+    flushers = [getattr(copy, "flushed_path", None) for copy in staged]
+    return [flush for flush in flushers if callable(flush)]
+
+
 class SqliteIntegrity:
-    """Run SQLite's integrity check on a staged local copy of a database."""
+    """Run SQLite's integrity check on a staged local copy of a database.
+
+    Args:
+        scratch: Opens a private local copy, for a database none of whose
+            locations is a local file (every one in object storage, say).
+            Without it such a database is checked only as it streams by.
+    """
+
+    def __init__(self, scratch: Callable[[], StagedWrite] | None = None) -> None:
+        self._scratch = scratch
+
+    def scratch_for(
+        self, data_type: DataType, staged: Sequence[StagedWrite]
+    ) -> StagedWrite | None:
+        """Ask for a local copy of a declared SQLite file that has none."""
+        if data_type is not DataType.SQLITE or _local(staged):
+            return None
+        return self._scratch() if self._scratch is not None else None
 
     def inspect(self, data_type: DataType, staged: Sequence[StagedWrite]) -> None:
         """Check a declared SQLite resource; other types pass.
@@ -50,10 +74,9 @@ class SqliteIntegrity:
         """
         if data_type is not DataType.SQLITE:
             return
-        flushers = [getattr(copy, "flushed_path", None) for copy in staged]
-        local = [flush for flush in flushers if callable(flush)]
+        local = _local(staged)
         if not local:
-            log.debug("no local staged copy to check with SQLite")
+            log.warning("no local copy to check a SQLite database with SQLite")
             return
         path = Path(local[0]())
         try:
@@ -68,6 +91,7 @@ class SqliteIntegrity:
 
 
 @hookimpl
-def dais_inspectors() -> Sequence[Inspector]:
+def dais_inspectors(context: StorageContext) -> Sequence[Inspector]:
     """Check declared SQLite databases with SQLite itself."""
-    return [SqliteIntegrity()]
+    scratch = LocalFolderStorage(context.filemanager_root).scratch
+    return [SqliteIntegrity(scratch)]

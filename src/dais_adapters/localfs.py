@@ -336,6 +336,37 @@ class LocalFolderStorage:
             raise
         return staged
 
+    def scratch(self) -> _StagedFile:
+        """Open a private copy in the staging folder that no location takes.
+
+        For an inspector that must read a file no staged copy holds locally;
+        it is only ever aborted (a copy left by a killed process is swept as
+        any other).
+
+        Raises:
+            PublishFailed: The disk refuses.
+        """
+        real_root = self.root.resolve()
+        with _translated("stage a copy to check"):
+            self.staging.mkdir(parents=True, exist_ok=True)
+            staging_fd = _open_folder(real_root, real_root / STAGING_FOLDER)
+        try:
+            with _translated("stage a copy to check"):
+                name = f"{uuid.uuid4().hex}{_SUFFIX}"
+                handle = NewFile(Path(name), dir_fd=staging_fd)
+        except BaseException:
+            os.close(staging_fd)
+            raise
+        temp = real_root / STAGING_FOLDER / name
+        copy = _StagedFile(temp, temp, handle, (staging_fd, staging_fd))
+        try:
+            with _translated("lock the copy to check"):
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            copy.abort()
+            raise
+        return copy
+
     def ping(self) -> None:
         """Check the File Manager folder exists (or can be made) and is writable.
 

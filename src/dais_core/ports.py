@@ -111,6 +111,18 @@ class CommitLocks(Protocol):
 class Inspector(Protocol):
     """A check of the staged copies that needs more than the byte stream."""
 
+    def scratch_for(
+        self, data_type: DataType, staged: Sequence[StagedWrite]
+    ) -> StagedWrite | None:
+        """Return a private copy to write the file to as well, or ``None``.
+
+        For a check that needs a kind of copy none of the staged ones is
+        (a local file, say, when every location is remote). The copy is
+        passed to :meth:`inspect` with the others, then aborted, never
+        committed.
+        """
+        ...
+
     def inspect(self, data_type: DataType, staged: Sequence[StagedWrite]) -> None:
         """Raise :class:`~dais_core.errors.CorruptData` if the file is damaged."""
         ...

@@ -243,6 +243,8 @@ class _Publication:
         self.storages = storages
         self.staged: list[StagedWrite] = []
         self.states = ["pending"] * len(target.locations)
+        # A private copy an inspector asked for: written, looked at, dropped.
+        self.scratch: StagedWrite | None = None
 
     def fail(self, index: int, error: DaisError, message: str) -> PublishFailed:
         """Record ``index`` as failed and build the error with every outcome.
@@ -266,13 +268,37 @@ class _Publication:
         return PublishFailed(message, locations=outcomes)
 
     def abort(self) -> None:
-        """Drop every staged copy that is not committed."""
+        """Drop every staged copy that is not committed, and the scratch copy."""
+        self.drop_scratch()
         for copy, state in zip(self.staged, self.states, strict=False):
             if state == "staged":
                 # A copy that fails to abort was never visible; the start-up
                 # sweep clears it.
                 with contextlib.suppress(DaisError):
                     copy.abort()
+
+    def add_scratch(self, inspector: Inspector | None) -> None:
+        """Open the private copy the inspector needs, if it needs one.
+
+        Raises:
+            DaisError: The copy cannot be opened; every staged copy is aborted.
+        """
+        if inspector is None:
+            return
+        try:
+            self.scratch = inspector.scratch_for(
+                self.target.grant.data_type, self.staged
+            )
+        except DaisError:
+            self.abort()
+            raise
+
+    def drop_scratch(self) -> None:
+        """Abort the private copy, if any."""
+        scratch, self.scratch = self.scratch, None
+        if scratch is not None:
+            with contextlib.suppress(DaisError):
+                scratch.abort()
 
     def stage(self) -> None:
         """Open a staged copy at every location.
@@ -305,6 +331,7 @@ class _Publication:
         hasher = hashlib.sha256()
         check = check_for(self.target.grant.data_type)
         size = index = 0
+        scratch = self.scratch
         try:
             for chunk in chunks:
                 size += len(chunk)
@@ -315,6 +342,9 @@ class _Publication:
                 # ``index`` names the failing copy in the handler below.
                 for index, copy in enumerate(self.staged):  # noqa: B007
                     copy.write(chunk)
+                if scratch is not None:
+                    index = -1
+                    scratch.write(chunk)
             check.finish(size)
             digest = hasher.hexdigest()
             if expected_sha256 is not None and expected_sha256 != digest:
@@ -324,9 +354,13 @@ class _Publication:
                     sha256=digest,
                 )
             if inspector is not None:
-                inspector.inspect(self.target.grant.data_type, self.staged)
+                looked_at = self.staged if scratch is None else [*self.staged, scratch]
+                inspector.inspect(self.target.grant.data_type, looked_at)
+            self.drop_scratch()
         except PublishFailed as exc:
             self.abort()
+            if index < 0:
+                raise  # the scratch copy failed, not a location
             raise self.fail(index, exc, _NOTHING_CHANGED) from exc
         except BaseException:
             self.abort()
@@ -414,6 +448,7 @@ def publish(
     """
     run = _Publication(target, storages)
     run.stage()
+    run.add_scratch(inspector)
     size, digest = run.stream(chunks, max_size, expected_sha256, inspector)
     uris = tuple(location.uri for location in target.locations)
     try:

@@ -7,6 +7,7 @@ in the form a router decoded.
 
 from __future__ import annotations
 
+import email.message
 import importlib.resources
 import logging
 import math
@@ -72,6 +73,17 @@ SHA256_BYTES = 32
 _HEX_SHA256 = re.compile(r"[0-9A-Fa-f]{64}")
 CHUNK_SIZE = 1024 * 1024
 READ_SIZE = 256 * 1024
+#: A multipart boundary's characters (RFC 2046, section 5.1.1); the last is
+#: not a space.
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]*[0-9A-Za-z'()+_,./:=?-]")
+
+
+def _parameter_names(content_type: str) -> list[str]:
+    """Return the names of a media type's parameters, in lower case, in order."""
+    message = email.message.Message()
+    message["Content-Type"] = content_type
+    params = message.get_params(header="content-type") or []
+    return [name.lower() for name, _ in params[1:]]
 
 
 def raw_path(req: falcon.Request) -> str:
@@ -395,14 +407,20 @@ class UploadSink:
         return result
 
     def _boundary(self, req: falcon.Request) -> bytes:
-        media_type, params = falcon.parse_header(req.content_type or "")
+        content_type = req.content_type or ""
+        media_type, params = falcon.parse_header(content_type)
         # Media types are case-insensitive (RFC 9110, section 8.3.1).
         if media_type.lower() != "multipart/form-data":
             raise UnsupportedType("send the file as multipart/form-data")
         boundary = params.get("boundary", "")
         if not 1 <= len(boundary) <= 70:
             raise InvalidData("the multipart boundary is missing or too long")
-        return boundary.encode("ascii", "replace")
+        if not _BOUNDARY.fullmatch(boundary):
+            raise InvalidData("the multipart boundary has characters it cannot have")
+        if _parameter_names(content_type).count("boundary") > 1:
+            # Parsers keep one or the other: each would see another body.
+            raise InvalidData("the Content-Type names more than one boundary")
+        return boundary.encode("ascii")
 
     def _record(
         self,

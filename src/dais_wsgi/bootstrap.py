@@ -75,6 +75,16 @@ class Inspectors:
     def __init__(self, inspectors: Sequence[Inspector]) -> None:
         self.inspectors = tuple(inspectors)
 
+    def scratch_for(
+        self, data_type: DataType, staged: Sequence[StagedWrite]
+    ) -> StagedWrite | None:
+        """Return the private copy the first inspector asks for, if any."""
+        for inspector in self.inspectors:
+            scratch = inspector.scratch_for(data_type, staged)
+            if scratch is not None:
+                return scratch
+        return None
+
     def inspect(self, data_type: DataType, staged: Sequence[StagedWrite]) -> None:
         """Pass the staged copies to each inspector; the first to object wins."""
         for inspector in self.inspectors:
@@ -183,6 +193,13 @@ def build_storages(
     return storages
 
 
+def _inspectors(hook: Any, settings: Settings) -> Inspectors:
+    context = StorageContext(settings.resolved_filemanager_root)
+    return Inspectors(
+        [i for found in hook.dais_inspectors(context=context) for i in found]
+    )
+
+
 def bootstrap(
     settings: Settings,
     manager: pluggy.PluginManager | None = None,
@@ -243,7 +260,7 @@ def bootstrap(
         uploads_in_flight=ConcurrencyCap(settings.uploads_in_flight, "uploads"),
         gateway_in_flight=ConcurrencyCap(settings.gateway_in_flight, "webhook calls"),
         slow_requests=ServerCap(settings.slow_request_cap, settings.busy_wait),
-        inspector=Inspectors([i for found in hook.dais_inspectors() for i in found]),
+        inspector=_inspectors(hook, settings),
         commit_locks=_commit_locks(store),
         hooks=hook,
         records=records,

@@ -129,26 +129,52 @@ class TestAllOrNothing:
         assert (gateway.filemanager / "p1/b/x").read_bytes() == first
 
 
+def sqlite_database(path: Path) -> bytes:
+    """Return the bytes of a small, sound SQLite database made at ``path``."""
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (v TEXT)")
+        db.executemany("INSERT INTO t VALUES (?)", [("x" * 100,)] * 200)
+    db.close()
+    return path.read_bytes()
+
+
+def damaged_database(folder: Path) -> bytes:
+    """Return a database whose header is sound and whose second page is garbage."""
+    data = bytearray(sqlite_database(folder / "damaged.sqlite3"))
+    page = int.from_bytes(data[16:18], "big")
+    data[page : page + 64] = b"\xff" * 64
+    return bytes(data)
+
+
 class TestDeclaredTypes:
     """SQLite and CSV grants are checked before anything is committed."""
 
     def test_a_damaged_sqlite_database_is_400(self, gateway, tmp_path):
         """A database whose pages are garbage fails SQLite's integrity check."""
-        path = tmp_path / "db.sqlite3"
-        with sqlite3.connect(path) as db:
-            db.execute("CREATE TABLE t (v TEXT)")
-            db.executemany("INSERT INTO t VALUES (?)", [("x" * 100,)] * 200)
-        db.close()
-        data = bytearray(path.read_bytes())
-        page = int.from_bytes(data[16:18], "big")
-        data[page : page + 64] = b"\xff" * 64
         _, token = gateway.make_key(
             grants=(("db", ("filemanager://p1/db",), DataType.SQLITE),)
         )
-        response = post(gateway, token, "db", bytes(data))
+        response = post(gateway, token, "db", damaged_database(tmp_path))
         assert response.status == 400, response.data
         assert response.json()["error"] == "corrupt_data"
         assert not (gateway.filemanager / "p1/db").exists()
+
+    def test_a_database_stored_only_in_s3_is_checked_too(
+        self, gateway, tmp_path, s3, bucket
+    ):
+        """With no local location, a local copy of its own is checked, then dropped."""
+        _, token = gateway.make_key(
+            grants=(("db", (f"s3://{bucket}/db",), DataType.SQLITE),)
+        )
+        damaged = post(gateway, token, "db", damaged_database(tmp_path))
+        assert damaged.status == 400, damaged.data
+        assert damaged.json()["error"] == "corrupt_data"
+        assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+        sound = sqlite_database(tmp_path / "sound.sqlite3")
+        assert post(gateway, token, "db", sound).status == 200
+        assert s3.get_object(Bucket=bucket, Key="db")["Body"].read() == sound
+        assert list((gateway.filemanager / ".dais-staging").iterdir()) == []
 
     @pytest.mark.parametrize(
         ("content", "status"),
@@ -184,6 +210,26 @@ class TestMultipart:
         [
             ("multipart/form-data", b"--x\r\n"),
             ("multipart/form-data; boundary=" + "b" * 71, b""),
+            (
+                "multipart/form-data; boundary=\xe9",
+                b'--?\r\nContent-Disposition: form-data; name="data"; filename="f"'
+                b"\r\n\r\nx\r\n--?--\r\n",
+            ),
+            (
+                "multipart/form-data; boundary=a<b",
+                b'--a<b\r\nContent-Disposition: form-data; name="data"; filename="f"'
+                b"\r\n\r\nx\r\n--a<b--\r\n",
+            ),
+            (
+                'multipart/form-data; boundary="zz "',
+                b'--zz \r\nContent-Disposition: form-data; name="data"; filename="f"'
+                b"\r\n\r\nx\r\n--zz --\r\n",
+            ),
+            (
+                "multipart/form-data; boundary=yy; boundary=zz",
+                b'--zz\r\nContent-Disposition: form-data; name="data"; filename="f"'
+                b"\r\n\r\nx\r\n--zz--\r\n",
+            ),
             ("multipart/form-data; boundary=zz", b"no boundary here at all"),
             (
                 "multipart/form-data; boundary=zz",
@@ -225,6 +271,10 @@ class TestMultipart:
         ids=[
             "no-boundary",
             "long-boundary",
+            "boundary-not-ascii",
+            "boundary-odd-character",
+            "boundary-ending-in-a-space",
+            "two-boundaries",
             "no-parts",
             "truncated",
             "huge-part-headers",

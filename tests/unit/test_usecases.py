@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from dais_core.errors import (
     CorruptData,
+    DaisError,
     Forbidden,
     InvalidData,
     LocationConflict,
@@ -26,6 +28,7 @@ from dais_core.errors import (
 from dais_core.gateway import GatewayCall
 from dais_core.keys import new_key
 from dais_core.policies import KeyedLocks, map_resource
+from dais_core.rules import parse_location
 from dais_core.testing import MemoryKeyStore, MemoryRegistry, MemoryStorage
 from dais_core.usecases import authenticate, authorise_call, explain, publish
 from dais_core.values import (
@@ -320,9 +323,29 @@ class RefusingInspector:
     def __init__(self) -> None:
         self.seen: list[tuple[DataType, list[str]]] = []
 
+    def scratch_for(self, data_type, staged) -> None:
+        return None
+
     def inspect(self, data_type, staged) -> None:
         self.seen.append((data_type, [copy.location.uri for copy in staged]))
         raise CorruptData("the SQLite integrity check failed")
+
+
+class ScratchInspector:
+    """An inspector that asks for a copy of its own and reads it."""
+
+    def __init__(self, verdict: DaisError | None = None) -> None:
+        self.scratch = MemoryStorage()
+        self.verdict = verdict
+        self.seen: list[bytes] = []
+
+    def scratch_for(self, data_type, staged):
+        return self.scratch.stage(parse_location("scratch://x/copy"))
+
+    def inspect(self, data_type, staged) -> None:
+        self.seen = [b"".join(copy.parts) for copy in staged]
+        if self.verdict is not None:
+            raise self.verdict
 
 
 def _target(
@@ -515,6 +538,50 @@ class TestPublish:
         assert inspector.seen == [(DataType.SQLITE, [FM + "a.csv", S3 + "a.csv"])]
         assert set(_files(storages).values()) == {b"old"}
         assert _nothing_staged(storages)
+
+    @pytest.mark.parametrize(
+        "verdict",
+        [None, CorruptData("damaged")],
+        ids=["sound", "damaged"],
+    )
+    def test_an_inspectors_own_copy_gets_the_file_and_is_only_dropped(self, verdict):
+        """The scratch copy holds the whole file when inspected, then goes."""
+        storages = _storages()
+        inspector = ScratchInspector(verdict)
+        context = pytest.raises(CorruptData) if verdict else contextlib.nullcontext()
+
+        with context:
+            publish(
+                "a.csv",
+                _target(),
+                [b"ne", b"w"],
+                storages,
+                max_size=9,
+                inspector=inspector,
+            )
+
+        assert inspector.seen == [b"new", b"new", b"new"]
+        assert not inspector.scratch.staged
+        assert not inspector.scratch.files
+        expected = {b"new"} if verdict is None else set()
+        assert set(_files(storages).values()) == expected
+
+    def test_a_scratch_copy_that_fails_to_write_fails_the_publish(self):
+        """A failing scratch copy is a 500 that names no location; nothing changes."""
+        storages = _storages()
+        _seed(storages, b"old")
+        inspector = ScratchInspector()
+        inspector.scratch.fail_on_write.add("scratch://x/copy")
+
+        with pytest.raises(PublishFailed) as caught:
+            publish(
+                "a.csv", _target(), [b"new"], storages, max_size=9, inspector=inspector
+            )
+
+        assert "locations" not in caught.value.detail
+        assert set(_files(storages).values()) == {b"old"}
+        assert _nothing_staged(storages)
+        assert not inspector.scratch.staged
 
     def test_commits_under_the_locks_of_every_location(self):
         """With locks given, the publish commits and leaves every lock free again."""
