@@ -340,6 +340,13 @@ def _check_resource_segment(segment: str) -> None:
         raise InvalidResourceId(
             "resource id segments may not hold '\\', ':' or control characters"
         )
+    if any(ch in _SEPARATOR_LOOKALIKES for ch in segment):
+        # A File Manager shared with Windows clients would show a folder.
+        raise InvalidResourceId(
+            "resource id segments may not hold characters that read as '/' or "
+            "'\\' once converted (division or fraction slash, set minus, yen or "
+            "won sign)"
+        )
     if segment != segment.strip() or segment.endswith("."):
         raise InvalidResourceId(
             "resource id segments may not start or end with spaces or end with '.'"
@@ -356,8 +363,8 @@ def check_resource_id(value: str, *, allow_prefix: bool = False) -> str:
     """Return ``value`` if it is a safe resource id, relative and contained.
 
     ``dirOne/dirTwo/name`` is fine; empty segments, ``.`` and ``..``,
-    absolute paths, backslashes, drive letters, ``:``, NUL and control
-    characters are refused. Joined under any root, an accepted id stays
+    absolute paths, backslashes and what converts to one or to ``/``, drive
+    letters, ``:``, NUL and control characters are refused. Joined under any root, an accepted id stays
     under that root.
 
     Args:

@@ -293,12 +293,16 @@ class TestCheckResourceId:
             " a",
             "\uff0e\uff0e/x",
             "\uff41",
+            "a\u2215b",
+            "a\u2044b",
+            "a\u29f5b",
+            "a\u00a5b",
             "x" * 256,
             "a/" * 600,
         ],
     )
     def test_refuses_unsafe_ids(self, value):
-        """Absolute, dotted, empty-segment, drive, control or non-NFKC ids are 400."""
+        """Absolute, dotted, drive, control, slash-like or non-NFKC ids are 400."""
         with pytest.raises(InvalidResourceId):
             check_resource_id(value)
 
