@@ -661,12 +661,12 @@ class SqlStore:
         ]
 
     def ping(self) -> None:
-        """Check the database answers.
+        """Check the database answers, and holds the tables it should.
 
         Raises:
             Unavailable: It does not.
         """
-        self._read("SELECT 1 AS one")
+        self._read("SELECT 1 AS one FROM keys LIMIT 1")
 
     def _require_key(self, key_id: str) -> None:
         if not self._read("SELECT 1 AS one FROM keys WHERE id = ?", key_id):

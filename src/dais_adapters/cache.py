@@ -32,6 +32,7 @@ __all__ = [
     "CacheStats",
     "CachedKeyStore",
     "CachedRegistry",
+    "cause_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,23 @@ class BatchWriter(Protocol):
     ) -> None: ...
 
 
+#: Seconds between two warnings of records not written, while it lasts.
+WARN_EVERY = 60.0
+
+
+def cause_of(error: BaseException) -> str:
+    """Name the driver error behind a domain error, for a log line.
+
+    Returns:
+        `` (Type: first line of its message)``, or nothing without a cause.
+    """
+    cause = error.__cause__
+    if cause is None:
+        return ""
+    first_line = str(cause).strip().partition("\n")[0]
+    return f" ({type(cause).__name__}: {first_line})"
+
+
 class BatchRecorder:
     """Queue records and write them in batches from a thread of its own.
 
@@ -222,6 +240,9 @@ class BatchRecorder:
         self._thread = threading.Thread(
             target=self._run, daemon=True, name="dais-records"
         )
+        # When the last warning of records not written was given, while the
+        # store keeps failing.
+        self._warned_at: float | None = None
 
     def start(self) -> BatchRecorder:
         """Start writing in the background; return ``self``."""
@@ -256,14 +277,24 @@ class BatchRecorder:
             try:
                 self.store.record_batch(publishes, forwards)
             except DaisError as exc:
-                log.warning(
-                    "could not write %d records: %s",
-                    len(publishes) + len(forwards),
-                    exc,
-                )
+                self._failed(len(publishes) + len(forwards), exc)
                 with self._lock:
                     self._publishes.extendleft(reversed(publishes))
                     self._forwards.extendleft(reversed(forwards))
+            else:
+                if self._warned_at is not None:
+                    log.warning("the key store takes records again")
+                    self._warned_at = None
+
+    def _failed(self, count: int, exc: DaisError) -> None:
+        """Warn of records not written: at once, then once a minute at most."""
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < WARN_EVERY:
+            return
+        self._warned_at = now
+        log.warning(
+            "could not write %d records, kept to retry: %s%s", count, exc, cause_of(exc)
+        )
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):

@@ -76,6 +76,10 @@ class PostgresStore(SqlStore):
             kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 5},
             open=False,
             name="dais-store",
+            # A pooled connection the server ended (a restart, a failover, an
+            # idle reaper) is found out before use and replaced, not handed
+            # out to fail its call with a 503.
+            check=ConnectionPool.check_connection,
         )
         with _translated():
             self.pool.open(wait=True, timeout=timeout)

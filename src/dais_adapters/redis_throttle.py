@@ -237,7 +237,8 @@ def from_url(url: str) -> RedisThrottleState:
         url: The Redis URL, optionally with ``on_error=open|closed``.
 
     Raises:
-        InvalidData: The ``redis`` extra is missing, or the URL is malformed.
+        InvalidData: The ``redis`` extra is missing, the URL is malformed,
+            or Redis refuses it (a database it does not have, say).
     """
     if redis is None:
         raise InvalidData(
@@ -255,6 +256,7 @@ def from_url(url: str) -> RedisThrottleState:
         )
     except ValueError as exc:
         raise InvalidData(f"malformed Redis throttle URL: {exc}") from exc
+    _check_refusal(client)
 
     parts = urlsplit(redis_url)
     log.debug(
@@ -265,6 +267,23 @@ def from_url(url: str) -> RedisThrottleState:
         on_error,
     )
     return RedisThrottleState(client, on_error=on_error)
+
+
+def _check_refusal(client: redis.Redis) -> None:
+    """Refuse a URL that Redis itself refuses; leave an unreachable one be.
+
+    A database Redis does not have, or credentials it refuses, would fail
+    every decision; a Redis that is down at start is left to ``on_error``.
+
+    Raises:
+        InvalidData: Redis answered, and refused.
+    """
+    try:
+        client.ping()
+    except (redis.ResponseError, redis.AuthenticationError) as exc:
+        raise InvalidData(f"Redis refuses the throttle URL: {exc}") from exc
+    except redis.RedisError:
+        return  # not reachable now: each decision meets on_error, and logs it
 
 
 #: The path of a Redis URL: none, or the database number.

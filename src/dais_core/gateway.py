@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from dais_core.errors import InvalidData, InvalidRoute, UpstreamUnreachable
+from dais_core.keys import looks_like_token
 from dais_core.rules import check_name, normalise_route
 
 __all__ = [
@@ -238,8 +239,16 @@ def valid_host(value: str) -> bool:
 
 
 def valid_request_id(value: str | None) -> bool:
-    """Return whether a caller's request id is safe to keep."""
-    return value is not None and _REQUEST_ID.fullmatch(value) is not None
+    """Return whether a caller's request id is safe to keep.
+
+    One of the form of a key or token is not: request ids are logged,
+    forwarded and shown to project admins.
+    """
+    return (
+        value is not None
+        and _REQUEST_ID.fullmatch(value) is not None
+        and not looks_like_token(value)
+    )
 
 
 def upstream_headers(

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import attrs
 
-from dais_core.errors import Unauthenticated
+from dais_core.errors import InvalidData, Unauthenticated
 
 __all__ = [
     "ADMIN_PREFIX",
@@ -28,6 +28,8 @@ __all__ = [
     "TOKEN_PREFIX",
     "NewKey",
     "hash_secret",
+    "key_id_of",
+    "looks_like_token",
     "new_key",
     "parse_token",
     "secret_matches",
@@ -113,6 +115,30 @@ def parse_token(token: str, prefix: str = TOKEN_PREFIX) -> tuple[str, str]:
     if not hmac.compare_digest(_checksum(body), found["check"]):
         raise Unauthenticated(f"the {what} is malformed")
     return found["id"], found["secret"]
+
+
+def key_id_of(text: str) -> str:
+    """Return the key id that ``text`` names: itself, or a whole key's id.
+
+    An operator revoking a leaked key may paste the whole key rather than
+    its id: the id is taken from it, so that the secret goes no further
+    (into no message, log line or audit record).
+
+    Raises:
+        InvalidData: ``text`` has the form of a secret but is no
+            well-formed API key (the message does not repeat it).
+    """
+    if not looks_like_token(text):
+        return text
+    try:
+        return parse_token(text)[0]
+    except Unauthenticated:
+        raise InvalidData("that is no key id, nor a well-formed API key") from None
+
+
+def looks_like_token(text: str) -> bool:
+    """Return whether ``text`` has the form of a key, admin token or session."""
+    return _TOKEN.fullmatch(text) is not None
 
 
 def secret_matches(secret: str, secret_hash: str) -> bool:

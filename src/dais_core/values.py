@@ -59,9 +59,15 @@ class ApiKey:
 
     def is_usable(self, now: float) -> bool:
         """Return whether the key is neither revoked nor expired at ``now``."""
+        return self.state(now) == "active"
+
+    def state(self, now: float) -> str:
+        """Return ``revoked``, ``expired`` or ``active``: what a call meets at ``now``."""
         if self.revoked is not None and self.revoked <= now:
-            return False
-        return self.expires is None or now < self.expires
+            return "revoked"
+        if self.expires is not None and self.expires <= now:
+            return "expired"
+        return "active"
 
 
 @attrs.frozen

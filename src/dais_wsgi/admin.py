@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import cattrs
 import falcon
+from falcon.routing import BaseConverter
 
 from dais_core.admin import (
     AdminToken,
@@ -26,7 +27,7 @@ from dais_core.admin import (
     successor,
 )
 from dais_core.errors import InvalidData, NotFound
-from dais_core.keys import ADMIN_PREFIX, new_key
+from dais_core.keys import ADMIN_PREFIX, key_id_of, new_key
 from dais_core.rules import (
     MAX_LABEL,
     check_grant_locations,
@@ -224,7 +225,7 @@ class _AdminResource:
         """Drop the key's cached copy, audit the change, answer the key as now."""
         self.changed(key_id)
         self.audit(admin, action, key_id, **detail)
-        resp.media = credential_json(self.credential(key_id))
+        resp.media = credential_json(self.credential(key_id), self.runtime.clock())
 
     def changed(self, key_id: str) -> None:
         invalidate: Callable[[str], None] | None = getattr(
@@ -248,7 +249,10 @@ class Keys(_AdminResource):
         self.platform(req)
         project = req.get_param("project")
         resp.media = {
-            "keys": [credential_json(c) for c in self.store.list_keys(project)]
+            "keys": [
+                credential_json(c, self.runtime.clock())
+                for c in self.store.list_keys(project)
+            ]
         }
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -287,7 +291,7 @@ class Key(_AdminResource):
     def on_get(self, req: falcon.Request, resp: falcon.Response, key_id: str) -> None:
         """Show a key, never its secret."""
         self.platform(req)
-        resp.media = credential_json(self.credential(key_id))
+        resp.media = credential_json(self.credential(key_id), self.runtime.clock())
 
 
 class Revoke(_AdminResource):
@@ -458,7 +462,7 @@ class Explain(_AdminResource):
         self.platform(req)
         body: ExplainBody = _body(req, ExplainBody)
         found = explain(
-            self.credential(body.key_id),
+            self.credential(key_id_of(body.key_id)),
             body.method,
             body.url,
             self.store,
@@ -494,8 +498,10 @@ def make_admin(
     check_text(label, "the label", MAX_LABEL)
     if role is Role.PROJECT:
         check_name(project or "", "project")
-    else:
-        project = None
+    elif project:
+        # A platform admin reaches every project: a project named here would
+        # suggest a bound that does not exist.
+        raise InvalidData("a platform admin has no project; leave the project out")
     made = new_key(prefix=ADMIN_PREFIX)
     store.add_admin(AdminToken(made.id, made.secret_hash, role, project, label, now))
     return {"id": made.id, "token": made.token}
@@ -509,6 +515,21 @@ class Audit(_AdminResource):
         self.platform(req)
         limit = req.get_param_as_int("limit", min_value=1, max_value=1000, default=200)
         resp.media = {"actions": [audit_json(r) for r in self.store.audit(limit)]}
+
+
+class KeyIdConverter(BaseConverter):
+    """A ``{key_id}`` path field: a key id, or a whole key pasted for one.
+
+    A whole key becomes its id, so that the secret reaches no message, log
+    line or audit record; one whose checksum fails matches no route (404).
+    """
+
+    def convert(self, value: str) -> str | None:
+        """Return the key id ``value`` names, or ``None`` for no match."""
+        try:
+            return key_id_of(value)
+        except InvalidData:
+            return None
 
 
 def add_admin_routes(app: falcon.App[Any, Any], runtime: Runtime) -> None:
@@ -529,5 +550,6 @@ def add_admin_routes(app: falcon.App[Any, Any], runtime: Runtime) -> None:
         ("/app/logout", Logout(runtime)),
         ("/app/{project}/admin/apikeys", ApiKeysPage(runtime)),
     ]
+    app.router_options.converters["keyid"] = KeyIdConverter
     for template, resource in routes:
-        app.add_route(template, resource)
+        app.add_route(template.replace("{key_id}", "{key_id:keyid}"), resource)

@@ -24,6 +24,7 @@ import http_sf
 from falcon.media.multipart import MultipartForm, MultipartParseOptions
 from falcon.util import BufferedReader
 
+from dais_adapters.cache import cause_of
 from dais_core.errors import (
     Busy,
     DaisError,
@@ -33,6 +34,7 @@ from dais_core.errors import (
     NotFound,
     Throttled,
     TooLarge,
+    Unavailable,
     UnsupportedType,
     status_for,
 )
@@ -146,8 +148,16 @@ def _handle_dais_error(
             # A cap on calls in flight at once, not a rate.
             policy_name = f"{req.context.template}_in_flight"
         req.context.metrics.throttle.labels(policy_name, "throttled").inc()
-    if resp.status == 500:
-        errors_log.warning("request %s failed: %s", req.context.request_id, exc.message)
+    if resp.status == 500 or (
+        isinstance(exc, Unavailable) and not isinstance(exc, Busy)
+    ):
+        # The driver's own words say why, where the caller's message may not.
+        errors_log.warning(
+            "request %s failed: %s%s",
+            req.context.request_id,
+            exc.message,
+            cause_of(exc),
+        )
     if req.path.startswith("/app/"):
         area_error(req, resp, exc.message)
 
@@ -176,6 +186,31 @@ def _handle_unexpected(
     errors_log.exception("request %s crashed", req.context.get("request_id"))
     resp.status = 500
     resp.media = {"error": "internal_error", "message": "internal error"}
+
+
+class CallerScheme:
+    """Note how the caller reached the gateway, ``http`` or ``https``.
+
+    Behind a trusted proxy (``trust_forwarded``), which terminates TLS, that
+    is the last ``X-Forwarded-Proto`` value, the one the proxy set; otherwise
+    it is the connection's own scheme. Stored as ``req.context.scheme``.
+
+    Args:
+        trusted: Whether a proxy in front sets ``X-Forwarded-Proto``.
+    """
+
+    def __init__(self, trusted: bool) -> None:
+        self.trusted = trusted
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Set ``req.context.scheme``."""
+        scheme = req.scheme
+        if self.trusted:
+            claimed = req.get_header("X-Forwarded-Proto") or ""
+            last = claimed.rpartition(",")[2].strip().lower()
+            if last in {"http", "https"}:
+                scheme = last
+        req.context.scheme = scheme
 
 
 class AccessLog:
@@ -530,7 +565,7 @@ class GatewaySink:
         return upstream_headers(
             _caller_headers(req),
             client=req.remote_addr or "",
-            proto=req.scheme,
+            proto=req.context.scheme,
             # As sent: Falcon's req.host drops the port and an IPv6 literal's
             # brackets.
             host=req.get_header("Host") or "",
@@ -603,7 +638,11 @@ def _ready_checks(runtime: Runtime) -> dict[str, Callable[[], Any]]:
 def create_app(runtime: Runtime) -> falcon.App[falcon.Request, falcon.Response]:
     """Build the WSGI application over a wired runtime."""
     metrics = Metrics(runtime)
-    app = falcon.App(middleware=[AccessLog(metrics)])
+    middleware: list[Any] = [
+        AccessLog(metrics),
+        CallerScheme(runtime.settings.trust_forwarded),
+    ]
+    app = falcon.App(middleware=middleware)
     app.req_options.media_handlers[falcon.MEDIA_JSON] = falcon.media.JSONHandler(
         loads=strict_json
     )

@@ -59,7 +59,7 @@ h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
 table{border-collapse:collapse;width:100%;margin:.5rem 0 1rem}
 th,td{border-bottom:1px solid #d8dde6;padding:.35rem .5rem;text-align:left;
 vertical-align:top}th{background:#f3f5f9}
-.revoked{color:#a01c1c;font-weight:600}.active{color:#17692b;font-weight:600}
+.revoked,.expired{color:#a01c1c;font-weight:600}.active{color:#17692b;font-weight:600}
 code{font-size:.9em}section{border:1px solid #d8dde6;border-radius:6px;
 padding:0 1rem 1rem;margin:1rem 0}
 """
@@ -78,7 +78,8 @@ def _page(title: str, body: str) -> str:
 
 
 def _secure(req: falcon.Request) -> bool:
-    return req.scheme == "https"
+    # As the caller sees it: behind a TLS proxy the connection itself is http.
+    return bool(req.context.get("scheme", req.scheme) == "https")
 
 
 class Login:
@@ -207,7 +208,7 @@ def _same_origin(req: falcon.Request, what: str = "the login form") -> None:
 
 def _this_site(req: falcon.Request, url: str) -> bool:
     parts = urlsplit(url)
-    allowed = {"https"} if req.scheme == "https" else {"http", "https"}
+    allowed = {"https"} if _secure(req) else {"http", "https"}
     return parts.scheme in allowed and parts.netloc == req.get_header("Host")
 
 
@@ -315,7 +316,7 @@ class ApiKeysPage:
         for record in (*publishes, *forwards):
             record["at"] = iso(record["at"])
             record.pop("id", None)
-        return credential_json(credential) | {
+        return credential_json(credential, self.runtime.clock()) | {
             "publishes": publishes,
             "forwards": forwards,
         }
@@ -369,7 +370,7 @@ def _render(project: str, keys: list[dict[str, Any]]) -> str:
 
 
 def _render_key(key: dict[str, Any]) -> str:
-    state = "revoked" if key["revoked"] else "active"
+    state = key["state"]
     rows = [
         ("Label", key["label"]),
         ("Requestor", key["requestor"]),

@@ -23,7 +23,7 @@ import attrs
 
 from dais_core.admin import AuditRecord, Role
 from dais_core.errors import DaisError, InvalidData, NotFound
-from dais_core.keys import new_key
+from dais_core.keys import key_id_of, new_key
 from dais_core.policies import RatePolicy
 from dais_core.rules import (
     check_grant_locations,
@@ -99,6 +99,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "threads": args.threads,
             "reserved_threads": args.reserved_threads,
             "request_timeout": args.request_timeout,
+            "shutdown_grace": args.shutdown_grace,
             "max_upload_bytes": args.max_upload_bytes,
             "uploads_in_flight": args.uploads_in_flight,
             "gateway_in_flight": args.gateway_in_flight,
@@ -147,7 +148,9 @@ def _keys_create(args: argparse.Namespace) -> int:
     made = new_key()
     now = time.time()
     expires = None
-    if args.expires_days:
+    if args.expires_days is not None:
+        if not args.expires_days > 0:
+            raise InvalidData("--expires-days must be a number of days above 0")
         expires = check_time(now + args.expires_days * 86400)
     request = KeyRequest(
         requestor=args.requestor,
@@ -172,12 +175,13 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    found = [credential_json(c) for c in _store(args).list_keys(args.project)]
+    now = time.time()
+    found = [credential_json(c, now) for c in _store(args).list_keys(args.project)]
     if args.json:
         print(json.dumps(found, indent=2))
     else:
         for item in found:
-            state = "revoked" if item["revoked"] else "active"
+            state = item["state"]
             print(f"{item['id']}  {item['project']:<20} {state:<8} {item['label']}")
     return 0
 
@@ -269,6 +273,15 @@ def _admins_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_id(text: str) -> str:
+    """Read a key id, taking it from a whole key pasted in its place."""
+    try:
+        return key_id_of(text)
+    except InvalidData as exc:
+        # Not ValueError: argparse would repeat the value, a secret maybe.
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def _explain(args: argparse.Namespace) -> int:
     store = _store(args)
     credential = store.load(args.key_id)
@@ -300,11 +313,13 @@ def _plain(instance: Any, field: Any, value: Any) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     from dais_wsgi.affinity import choose_cpu, pin
     from dais_wsgi.server import Sweeper, make_server, run_until, stop_on_signals
-    from dais_wsgi.workers import serve_workers
+    from dais_wsgi.workers import die_with_parent, serve_workers
 
     settings = _settings(args)
     if args.workers > 1:
         return serve_workers(settings, args.argv, args.workers)
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     cpu = choose_cpu(settings.cpu_affinity)
     if cpu is not None:
         # Before any thread starts: threads inherit the affinity.
@@ -328,7 +343,7 @@ def _serve(args: argparse.Namespace) -> int:
     sweeper = Sweeper(runtime).start()
     try:
         print(f"dais gateway on http://{args.host}:{server.effective_port}", flush=True)
-        run_until(server, stopping)
+        run_until(server, stopping, settings.shutdown_grace)
     finally:
         sweeper.stop()
         runtime.close()
@@ -365,7 +380,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--case-code", default="")
     create.add_argument("--lighthouse", action="store_true")
     create.add_argument("--business-case", default="")
-    create.add_argument("--expires-days", type=float, default=0)
+    create.add_argument(
+        "--expires-days",
+        type=float,
+        help="days until the key expires (never, if left out)",
+    )
     create.add_argument("--json", action="store_true")
     create.set_defaults(run=_keys_create)
     listing = keys.add_parser("list", help="list keys, never their secrets")
@@ -373,14 +392,14 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=_keys_list)
     revoke = keys.add_parser("revoke", help="revoke a key now")
-    revoke.add_argument("key_id")
+    revoke.add_argument("key_id", type=_key_id, help="a key id, or the whole key")
     revoke.set_defaults(run=_keys_revoke)
 
     perms = groups.add_parser("permissions", help="gateway permissions").add_subparsers(
         dest="action", required=True
     )
     padd = perms.add_parser("add", help="let a key call a service under a route prefix")
-    padd.add_argument("key_id")
+    padd.add_argument("key_id", type=_key_id, help="a key id, or the whole key")
     padd.add_argument("--project", required=True)
     padd.add_argument("--service", required=True)
     padd.add_argument("--prefix", required=True)
@@ -393,7 +412,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     gadd = grants.add_parser("add", help="let a key publish a resource to locations")
-    gadd.add_argument("key_id")
+    gadd.add_argument("key_id", type=_key_id, help="a key id, or the whole key")
     gadd.add_argument("--resource", required=True)
     gadd.add_argument(
         "--to", action="append", required=True, help="location (repeatable)"
@@ -434,7 +453,7 @@ def _parser() -> argparse.ArgumentParser:
     explainer = groups.add_parser(
         "explain", help="say whether a key may make a gateway call, and why"
     )
-    explainer.add_argument("key_id")
+    explainer.add_argument("key_id", type=_key_id, help="a key id, or the whole key")
     explainer.add_argument("method")
     explainer.add_argument("url", help="the gateway URL (or just its path)")
     explainer.add_argument("--json", action="store_true")
@@ -459,6 +478,13 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--filemanager", help="File Manager folder")
         command.add_argument(
             "--request-timeout", type=float, default=defaults.request_timeout
+        )
+        command.add_argument(
+            "--shutdown-grace",
+            type=float,
+            default=defaults.shutdown_grace,
+            help="seconds a stop leaves the requests in flight to be answered "
+            "(default %(default)s)",
         )
         command.add_argument(
             "--max-upload-bytes", type=int, default=defaults.max_upload_bytes
@@ -511,6 +537,7 @@ def _parser() -> argparse.ArgumentParser:
                 help="gateway processes sharing the port (needs --throttle redis://)",
             )
             command.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+            command.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
         command.add_argument(
             "--throttle",
             help="throttle state URL: memory:// or redis://host:port/db "

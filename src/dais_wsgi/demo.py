@@ -35,6 +35,8 @@ __all__ = ["run_demo", "sample_service"]
 
 PROJECT = "demo"
 SERVICE = "scheduler"
+#: The label of the key a demo makes, and revokes when it stops.
+DEMO_LABEL = "demo key"
 
 
 def sample_service(
@@ -76,6 +78,15 @@ def _samples(folder: Path) -> tuple[Path, Path]:
     return table, database
 
 
+def _revoke_leftover_keys(store: Any, now: float) -> None:
+    """Revoke the keys of earlier demos that were killed before they could."""
+    for credential in store.list_keys(PROJECT):
+        key = credential.key
+        if key.label == DEMO_LABEL and key.is_usable(now):
+            store.revoke(key.id, now)
+            print(f"revoked key {key.id}, left by a demo that was killed", flush=True)
+
+
 def run_demo(settings: Settings) -> int:
     """Set up and serve the demo until interrupted; return the exit status."""
     upstream = BackgroundServer(
@@ -85,13 +96,14 @@ def run_demo(settings: Settings) -> int:
     upstream_url = f"http://127.0.0.1:{upstream.port}"
 
     store = admin_store(settings)
+    _revoke_leftover_keys(store, time.time())
     made = new_key()
     store.add_key(
         ApiKey(
             made.id,
             made.secret_hash,
             PROJECT,
-            "demo key",
+            DEMO_LABEL,
             KeyRequest(requestor="demo@example.org", case_code="DEMO-1"),
             created=time.time(),
         )
@@ -145,7 +157,7 @@ Press Ctrl-C to stop.
         flush=True,
     )
     try:
-        run_until(server, stopping)
+        run_until(server, stopping, settings.shutdown_grace)
     finally:
         upstream.stop()
         # The demo key lives as long as the demo.

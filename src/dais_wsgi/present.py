@@ -35,12 +35,13 @@ def parse_iso(text: str) -> float:
     return when.timestamp()
 
 
-def credential_json(credential: Credential) -> dict[str, Any]:
-    """Return a key as shown to admins: everything but the secret."""
+def credential_json(credential: Credential, now: float) -> dict[str, Any]:
+    """Return a key as shown to admins at ``now``: everything but the secret."""
     key = credential.key
     return {
         "id": key.id,
         "project": key.project,
+        "state": key.state(now),
         "label": key.label,
         "requestor": key.request.requestor,
         "approver": key.request.approver,

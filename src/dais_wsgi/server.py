@@ -6,9 +6,12 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
-from waitress.server import create_server
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer, create_server
 
 from dais_wsgi.app import create_app
 from dais_wsgi.bootstrap import Runtime
@@ -174,8 +177,17 @@ def wake(server: Any) -> None:
         server.pull_trigger()
 
 
+#: Signals that stop a server cleanly: SIGHUP too, since a closed terminal
+#: would otherwise end it with no drain and no clean-up.
+STOP_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP")
+    if hasattr(signal, name)
+)
+
+
 def stop_on_signals(server: Any) -> threading.Event:
-    """Make SIGTERM and SIGINT stop ``server``; return the event they set.
+    """Make SIGTERM, SIGINT and SIGHUP stop ``server``; return the event they set.
 
     Call it before announcing the server, so that a signal sent as soon as
     the address is known stops it cleanly; then :func:`run_until` the event.
@@ -186,27 +198,57 @@ def stop_on_signals(server: Any) -> threading.Event:
         stopping.set()
         wake(server)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
     return stopping
 
 
-def run_until(server: Any, stopping: threading.Event) -> None:
-    """Serve until ``stopping`` is set, then close every connection.
+def run_until(server: Any, stopping: threading.Event, grace: float = 0.0) -> None:
+    """Serve until ``stopping`` is set, then drain for up to ``grace`` seconds.
 
     Set ``stopping`` and :func:`wake` the server to stop: that is safe
     from a signal handler, where raising is not (waitress catches whatever a
     connection's handler raises, so an exception from a signal landing there
-    would be swallowed and the server would go on). Running requests get up
-    to 5 s to finish.
+    would be swallowed and the server would go on).
+
+    On a stop the listening sockets close first, so no connection is taken
+    any more. For up to ``grace`` seconds the requests already in flight
+    (being read, waiting for a worker, or running) go on and are answered,
+    and each connection is closed as soon as it holds no request; then
+    every connection left is closed, and running requests get up to 5 s
+    more to finish.
     """
     while not stopping.is_set():
-        server.asyncore.loop(
-            timeout=server.adj.asyncore_loop_timeout,
-            map=server._map,
-            use_poll=server.adj.asyncore_use_poll,
-            count=1,
-        )
+        _loop_once(server)
+    for dispatcher in list(server._map.values()):
+        if isinstance(dispatcher, BaseWSGIServer):
+            # Not the server's own close(): that would close the trigger too.
+            wasyncore.dispatcher.close(dispatcher)
+    deadline = time.monotonic() + grace
+    while _close_idle(server._map) and time.monotonic() < deadline:
+        _loop_once(server, timeout=min(0.1, grace))
     for dispatcher in list(server._map.values()):
         dispatcher.close()
     server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+
+
+def _loop_once(server: Any, timeout: float | None = None) -> None:
+    server.asyncore.loop(
+        timeout=server.adj.asyncore_loop_timeout if timeout is None else timeout,
+        map=server._map,
+        use_poll=server.adj.asyncore_use_poll,
+        count=1,
+    )
+
+
+def _close_idle(channels: dict[int, Any]) -> int:
+    """Close each connection holding no request; return how many are left."""
+    busy = 0
+    for channel in list(channels.values()):
+        if not isinstance(channel, HTTPChannel):
+            continue
+        if channel.requests or channel.request is not None or channel.total_outbufs_len:
+            busy += 1
+        else:
+            channel.close()
+    return busy

@@ -77,6 +77,11 @@ class Settings:
     multipart_overhead: int = attrs.field(default=1 * MiB, validator=_between(0))
     #: Seconds a whole request may take before it is cut off.
     request_timeout: float = attrs.field(default=300.0, validator=_seconds)
+    #: Seconds a stopping server (SIGTERM, SIGINT) goes on answering the
+    #: requests in flight, no longer taking connections; 0 closes at once.
+    shutdown_grace: float = attrs.field(
+        default=20.0, validator=[attrs.validators.ge(0.0), attrs.validators.le(3600.0)]
+    )
     #: Upload rate per key (one per second, no burst).
     upload_rate: RatePolicy = RatePolicy(rate=1, period=1.0, burst=1)
     #: Uploads a key may have in flight at once in one process; 0 for no cap.

@@ -4,8 +4,9 @@ One process runs waitress, Falcon and the forwarder under one GIL, so it
 uses one core. With ``--workers N`` the parent binds the socket, starts N
 copies of ``serve`` that inherit it and accept from it, each kept to a CPU
 of its own unless ``--cpu-affinity off`` (worker i on the i-th CPU the
-parent may use, round the list), and stops them (by PID) when it is
-stopped. The workers share keys, services and the throttle only
+parent may use, round the list), starts another in place of one that ends,
+and stops them (by PID) when it is stopped; workers stop with a parent
+killed outright (:func:`die_with_parent`). The workers share keys, services and the throttle only
 through the store and the throttle state, so several workers need a shared
 throttle (Redis); the caps on requests in flight stay per worker, while
 the store's commit lock (PostgreSQL's advisory locks, SQLite's lock file)
@@ -14,19 +15,32 @@ spans them.
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from dais_core.errors import InvalidData
 from dais_wsgi.affinity import choose_cpu
+from dais_wsgi.server import STOP_SIGNALS
 from dais_wsgi.settings import Settings
 
-__all__ = ["serve_workers", "worker_argv"]
+__all__ = ["die_with_parent", "serve_workers", "worker_argv"]
+
+#: Seconds between two looks at the workers.
+SUPERVISE_EVERY = 0.2
+#: Workers started again within :data:`RESTART_WINDOW` seconds before the
+#: parent gives up and stops them all (exit status 1).
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+_PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +69,30 @@ def worker_argv(argv: Sequence[str], fd: int, cpu: int | None = None) -> list[st
     return [
         *(sys.executable, "-m", "dais_wsgi.cli", *kept),
         *("--listen-fd", str(fd), "--cpu-affinity", affinity),
+        *("--parent-pid", str(os.getpid())),
     ]
+
+
+def die_with_parent(parent: int) -> None:
+    """Have this worker stopped (SIGTERM) when its parent process dies.
+
+    A parent killed outright (SIGKILL) cannot stop its workers itself; left
+    running, they would go on serving with its settings and hold the port.
+    Linux delivers the signal (``PR_SET_PDEATHSIG``); a parent gone before
+    that was asked for is caught by its process id. Elsewhere nothing is
+    done.
+
+    Args:
+        parent: The parent's process id, as it started the worker.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot ask to be stopped with the parent process")
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
@@ -77,20 +114,24 @@ def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
         ) from exc
     fd = listener.fileno()
-    children = [
-        subprocess.Popen(
+
+    def start(index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             worker_argv(argv, fd, choose_cpu(settings.cpu_affinity, worker=index)),
             pass_fds=(fd,),
             stdout=subprocess.DEVNULL,
         )
-        for index in range(workers)
-    ]
+
+    children = [start(index) for index in range(workers)]
     port = listener.getsockname()[1]
 
     stopped = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
         stopped.append(signum)
+        # Once the workers close theirs, the socket is gone: a new connection
+        # is refused rather than left waiting in the queue.
+        listener.close()
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -98,17 +139,61 @@ def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
     # Explicit handlers: a shell starts background jobs with SIGINT ignored.
     # They are in place before the announcement, so a signal sent as soon
     # as the address is known stops every worker cleanly.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
     print(
         f"dais gateway on http://{settings.host}:{port} ({workers} workers)", flush=True
     )
     try:
+        failed = _supervise(children, start, stopped)
+        if failed is not None:
+            stop(signal.SIGTERM, None)
         for child in children:
             child.wait()
     finally:
         listener.close()
+    if failed is not None:
+        return failed
     return max(_exit_status(child.returncode, bool(stopped)) for child in children)
+
+
+def _supervise(
+    children: list[subprocess.Popen[bytes]],
+    start: Callable[[int], subprocess.Popen[bytes]],
+    stopped: list[int],
+) -> int | None:
+    """Start another worker for each that ends, until the parent is stopped.
+
+    Returns:
+        ``None`` once stopped; else the status to exit with: a worker's 2
+        (it refused to start: a setting, or a store it cannot reach), or 1
+        when workers keep ending (:data:`MAX_RESTARTS` within
+        :data:`RESTART_WINDOW` seconds).
+    """
+    restarts: collections.deque[float] = collections.deque()
+    while not stopped:
+        for index, child in enumerate(children):
+            if stopped or child.poll() is None:
+                continue
+            if child.returncode == 2:
+                log.error("worker %d refused to start; stopping them all", index)
+                return 2
+            now = time.monotonic()
+            while restarts and now - restarts[0] > RESTART_WINDOW:
+                restarts.popleft()
+            if len(restarts) >= MAX_RESTARTS:
+                log.error("workers keep ending; stopping them all")
+                return 1
+            restarts.append(now)
+            log.warning(
+                "worker %d (pid %d) ended with status %s; starting another",
+                index,
+                child.pid,
+                child.returncode,
+            )
+            children[index] = start(index)
+        time.sleep(SUPERVISE_EVERY)
+    return None
 
 
 def _exit_status(returncode: int, stopped: bool) -> int:

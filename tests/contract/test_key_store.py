@@ -215,6 +215,54 @@ class TestRecords:
         finally:
             recorder.stop()
 
+    def test_a_store_that_refuses_records_is_told_of_once_then_seldom(
+        self, store, caplog
+    ):
+        """One warning naming the cause, then word of recovery; nothing is lost."""
+        key, _ = a_key()
+        store.add_key(key)
+        recorder = BatchRecorder(store)
+        record = ForwardRecord(
+            key.id, "p1", "svc", 1, "POST", "/", 200, 0.0, 0, "kept", 10.0
+        )
+        broken = _Refusing(store)
+        recorder.store = broken
+        for _ in range(5):
+            recorder.record_forward(record)
+            recorder.flush()
+        warned = [
+            r.getMessage()
+            for r in caplog.records
+            if "could not write" in r.getMessage()
+        ]
+        assert len(warned) == 1
+        assert "(OSError: the disk said no)" in warned[0]
+        recorder.store = store
+        recorder.flush()
+        assert [r["request_id"] for r in store.forwards(key.id)] == ["kept"] * 5
+        assert any("takes records again" in r.getMessage() for r in caplog.records)
+
+    def test_a_store_without_its_tables_is_not_ready(self, store):
+        """A database emptied under the gateway fails the readiness check."""
+        store.ping()
+        with store._transaction() as db:
+            store._exec(db, "ALTER TABLE keys RENAME TO keys_gone")
+        with pytest.raises(Unavailable):
+            store.ping()
+
+
+class _Refusing:
+    """A store whose batch writes fail as a driver error would make them."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def record_batch(self, publishes: Any, forwards: Any) -> None:
+        try:
+            raise OSError("the disk said no")
+        except OSError as exc:
+            raise Unavailable("the key store is unavailable") from exc
+
 
 class TestPostgresOnly:
     """What only the shared store has to do."""
@@ -238,6 +286,19 @@ class TestPostgresOnly:
             port = probe.getsockname()[1]
         with pytest.raises(Unavailable):
             PostgresStore(f"postgresql://postgres@127.0.0.1:{port}/test", timeout=1.0)
+
+    def test_a_connection_the_server_ended_is_replaced_unseen(self, pg_url):
+        """A pooled connection ended by the server (a restart) costs no 503."""
+        store = PostgresStore(pg_url, pool_size=1)
+        key, _ = a_key()
+        try:
+            store.add_key(key)
+            (row,) = store._read("SELECT pg_backend_pid() AS pid")
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (row["pid"],))
+            assert store.load(key.id) is not None
+        finally:
+            store.close()
 
     def test_changes_are_announced_to_every_listener(self, pg_url):
         """A revocation through one store invalidates another process's cache."""

@@ -191,6 +191,21 @@ class TestKeyLifecycle:
             "exports",
         )
 
+    def test_a_whole_key_in_place_of_its_id_names_it_unrepeated(self, platform):
+        """A pasted key reaches its own key; the secret comes back nowhere."""
+        created = create_key(platform)
+        secret = created["key"].split("_")[2][:32]
+        revoked = platform.call("POST", f"/admin/v1/keys/{created['key']}/revoke")
+        assert revoked.status == 200, revoked.data
+        assert revoked.json()["id"] == created["id"]
+        assert revoked.json()["revoked"] is not None
+        damaged = created["key"][:-1] + ("0" if created["key"][-1] != "0" else "1")
+        for path in (f"/admin/v1/keys/{damaged}", f"/admin/v1/keys/{created['key']}"):
+            answer = platform.call("GET", path)
+            assert secret not in answer.data.decode()
+        audit = platform.call("GET", "/admin/v1/audit").data.decode()
+        assert secret not in audit
+
     def test_grants_permissions_and_revocation_take_effect(self, platform, gateway):
         """A granted key publishes; once revoked it is refused at once."""
         created = create_key(platform)
@@ -302,10 +317,18 @@ class TestKeyLifecycle:
         assert platform.call("DELETE", f"{base}/grants?resource=x").status == 404
         shown = platform.call("GET", base).json()
         assert (shown["permissions"], shown["grants"]) == ([], [])
+        assert shown["state"] == "active"
         expired = platform.call(
             "POST", f"{base}/expiry", {"expires": "2020-01-01T00:00:00Z"}
         )
         assert expired.json()["expires"] == "2020-01-01T00:00:00+00:00"
+        assert expired.json()["state"] == "expired"
+        page = project_admin(gateway, "p1").call("GET", "/app/p1/admin/apikeys")
+        assert [key["state"] for key in page.json()["keys"]] == ["expired"]
+        html = project_admin(gateway, "p1").call(
+            "GET", "/app/p1/admin/apikeys", Accept="text/html"
+        )
+        assert "<span class=expired>expired</span>" in html.data.decode()
 
     def test_a_removed_service_is_no_longer_reached(self, platform, gateway):
         """After removal the gateway answers 404; removing it again is 404 too."""
@@ -711,6 +734,31 @@ class TestProjectArea:
         assert lead.token.rpartition("_")[2] not in cookie
         assert area_page(gateway, session).status == 200
         assert "API keys of" in area_page(gateway, session).data.decode()
+
+    @pytest.mark.parametrize(
+        ("trusted", "proto", "secure"),
+        [(True, "https", True), (True, "http", False), (False, "https", False)],
+        ids=["trusted-https", "trusted-http", "untrusted-claim"],
+    )
+    def test_the_cookie_is_secure_behind_a_trusted_tls_proxy(
+        self, start_gateway, trusted, proto, secure
+    ):
+        """A trusted proxy's X-Forwarded-Proto: https makes the cookie Secure."""
+        gateway = start_gateway(trust_forwarded=trusted)
+        login = lead_logs_in(gateway, {"X-Forwarded-Proto": proto})
+        assert login.status == 303, login.data
+        assert ("; Secure" in login.headers["Set-Cookie"]) is secure
+
+    def test_behind_a_trusted_tls_proxy_only_an_https_origin_may_log_in(
+        self, start_gateway
+    ):
+        """The form posted from an http page of the same host is refused."""
+        gateway = start_gateway(trust_forwarded=True)
+        host = gateway.url.removeprefix("http://")
+        over_tls = {"X-Forwarded-Proto": "https", "Host": host}
+        refused = lead_logs_in(gateway, over_tls | {"Origin": f"http://{host}"})
+        taken = lead_logs_in(gateway, over_tls | {"Origin": f"https://{host}"})
+        assert (refused.status, taken.status) == (403, 303)
 
     def test_logout_ends_the_session_for_good(self, gateway, platform):
         """After logout, a copy of the old cookie opens nothing; both are audited."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.client
 import json
@@ -10,6 +11,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -97,7 +99,8 @@ def serving_process(
         assert line.startswith("dais gateway on http://127.0.0.1:"), line
         yield line, process
     finally:
-        os.kill(process.pid, signal.SIGTERM)
+        if process.poll() is None:  # a test may have stopped it already
+            process.send_signal(signal.SIGTERM)
         try:
             status = process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -156,6 +159,40 @@ class TestAdminCommands:
             "nightly",
         )
         assert json.loads(run(home, "keys", "list", "--project", "p2", "--json")) == []
+
+    def test_a_whole_key_pasted_for_its_id_is_read_as_the_id(self, tmp_path):
+        """``keys revoke <key>`` revokes that key and prints its id, never the key."""
+        home = tmp_path / "home"
+        created = json.loads(run(home, "keys", "create", "--project", "p1", "--json"))
+        printed = run(home, "keys", "revoke", created["key"])
+        assert printed.strip() == f"revoked {created['id']}"
+        (item,) = json.loads(run(home, "keys", "list", "--project", "p1", "--json"))
+        assert item["revoked"] is not None
+        damaged = created["key"][:-1] + ("0" if created["key"][-1] != "0" else "1")
+        done = command(home, "keys", "revoke", damaged)
+        assert done.returncode == 2
+        assert created["key"].split("_")[2][:32] not in done.stderr + done.stdout
+
+    @pytest.mark.parametrize(
+        ("args", "said"),
+        [
+            (("keys", "create", "--project", "p1", "--expires-days", "0"), "above 0"),
+            (("keys", "create", "--project", "p1", "--expires-days", "-1"), "above 0"),
+            (("keys", "create", "--project", "p1", "--expires-days", "nan"), "above 0"),
+            (
+                ("admins", "create", "--role", "platform", "--project", "p1"),
+                "a platform admin has no project",
+            ),
+        ],
+        ids=["expires-now", "expired", "expires-nan", "platform-with-project"],
+    )
+    def test_a_request_that_would_mean_something_else_is_refused(
+        self, tmp_path, args, said
+    ):
+        """No key that never expires for 0 days, no platform admin 'of' a project."""
+        home = tmp_path / "home"
+        assert said in refused(home, *args)
+        assert json.loads(run(home, "keys", "list", "--json")) == []
 
     def test_the_database_holds_only_a_hash(self, tmp_path):
         """The secret is nowhere in the SQLite file."""
@@ -422,6 +459,19 @@ class TestServe:
             assert list(staging.iterdir()) == [alive]
 
 
+def refusal_time(base: str) -> float:
+    """Return how soon a server at ``base`` refuses connections (at most 5 s)."""
+    host, port = base.removeprefix("http://").split(":")
+    started = time.monotonic()
+    while time.monotonic() - started < 5:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+        except (ConnectionRefusedError, ConnectionResetError):
+            break  # reset: queued as the last listener closed
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
 def key_for_service(home: Path, url: str, prefix: str = "/") -> tuple[str, str]:
     """Register ``svc`` of project p1 at ``url``; return a key that may call it.
 
@@ -488,6 +538,7 @@ class TestSettingsChecked:
             ("--throttle", "redis://[::1/0", "malformed Redis throttle URL"),
             ("--throttle", "redis://127.0.0.1:6379/abc", "database as /N"),
             ("--throttle", "redis://127.0.0.1:99999/0", "Port out of range"),
+            ("--throttle", "redis://127.0.0.1:6379/99", "DB index is out of range"),
         ],
     )
     def test_a_setting_out_of_range_is_refused(self, tmp_path, option, value, said):
@@ -605,6 +656,41 @@ class TestForwarderChoice:
             assert process.returncode == 0, errors
             assert "Traceback" not in errors
 
+    @pytest.mark.parametrize("workers", [1, 2])
+    def test_a_stop_answers_the_calls_in_flight_first(self, tmp_path, workers):
+        """SIGTERM mid-call: the caller gets the upstream's answer, then exit 0."""
+        home = tmp_path / "home"
+        upstream = Upstream()
+        upstream.delay = 1.5
+        options = ["--workers", str(workers)]
+        if workers > 1:
+            options += ["--throttle", "redis://127.0.0.1:6379/0"]
+        try:
+            _, token = key_for_service(home, upstream.url)
+            with serving_process(home, *options) as (line, process):
+                base = line.split()[3]
+                http = urllib3.PoolManager(retries=False)
+                hook = f"{base}/project-gateway/webhooks/p1/lineage-version/1/svc/x"
+                auth = {"Authorization": f"Bearer {token}"}
+                with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                    calls = [
+                        pool.submit(
+                            http.request, "POST", hook, body=b"hi", headers=auth
+                        )
+                        for _ in range(3)
+                    ]
+                    deadline = time.monotonic() + 10
+                    while len(upstream.calls) < 3 and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    process.send_signal(signal.SIGTERM)
+                    refused_at = refusal_time(base)
+                    statuses = [call.result(timeout=30).status for call in calls]
+                assert process.wait(timeout=30) == 0
+        finally:
+            upstream.close()
+        assert statuses == [200, 200, 200]
+        assert refused_at < 5, "new connections were still taken while stopping"
+
     def test_an_unknown_client_is_refused(self, tmp_path):
         """Only the clients that exist can be named."""
         message = refused(tmp_path, "serve", "--forwarder", "wget")
@@ -614,7 +700,7 @@ class TestForwarderChoice:
 class TestDemo:
     """``dais-gateway demo``: a working gateway, then its key revoked."""
 
-    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
     def test_the_demo_serves_and_revokes_its_key_when_stopped(self, tmp_path, signum):
         """The printed key calls the sample service; a stop signal revokes it."""
         home = tmp_path / "home"
@@ -646,6 +732,29 @@ class TestDemo:
             assert process.wait(timeout=30) == 0
         keys = json.loads(run(home, "keys", "list", "--json"))
         assert [k["revoked"] is not None for k in keys] == [True]
+
+    def test_a_killed_demos_key_is_revoked_by_the_next_demo(self, tmp_path):
+        """SIGKILL leaves no chance to revoke: the next demo does it first."""
+        home = tmp_path / "home"
+        for signum in (signal.SIGKILL, signal.SIGTERM):
+            process = subprocess.Popen(
+                [COMMAND, "--home", str(home), "demo", "--port", "0"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            assert process.stdout is not None
+            printed = ""
+            while "Press Ctrl-C" not in printed:
+                line = process.stdout.readline()
+                assert line, printed
+                printed += line
+            process.send_signal(signum)
+            process.wait(timeout=30)
+            process.stdout.close()
+        assert "left by a demo that was killed" in printed
+        keys = json.loads(run(home, "keys", "list", "--json"))
+        assert [k["state"] for k in keys] == ["revoked", "revoked"]
 
 
 class TestExplain:
@@ -826,6 +935,45 @@ class TestWorkers:
             ]
             assert statuses.count(200) == 1 and statuses.count(429) == 3, statuses
 
+    def test_a_worker_that_dies_is_replaced(self, tmp_path):
+        """SIGKILL one worker: another takes its place; the stop is still clean."""
+        home = tmp_path / "home"
+        run(home, "keys", "list", "--json")
+        throttle = ("--throttle", "redis://127.0.0.1:6379/0")
+        with serving_process(home, "--workers", "2", *throttle) as (_, parent):
+            first = wait_for_children(parent.pid, 2)
+            os.kill(first[0], signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while True:
+                now = sorted(children_of(parent.pid))
+                if len(now) == 2 and first[0] not in now:
+                    break
+                assert time.monotonic() < deadline, f"not replaced: {now}"
+                time.sleep(0.1)
+            assert first[1] in now
+
+    def test_workers_end_with_a_parent_killed_outright(self, tmp_path):
+        """SIGKILL the parent: its workers stop too, and the port is free."""
+        home = tmp_path / "home"
+        run(home, "keys", "list", "--json")
+        argv = [COMMAND, "--home", str(home), "serve", "--port", "0", "--workers", "2"]
+        argv += ["--throttle", "redis://127.0.0.1:6379/0"]
+        parent = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        workers = wait_for_children(parent.pid, 2)
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+        deadline = time.monotonic() + 15
+        while alive := [pid for pid in workers if Path(f"/proc/{pid}").exists()]:
+            if time.monotonic() > deadline:
+                for pid in alive:  # ours: never leave one behind
+                    os.kill(pid, signal.SIGKILL)
+                pytest.fail(f"the workers outlived the parent: {alive}")
+            time.sleep(0.1)
+        assert refusal_time(line.split()[3]) < 1
+
     def test_each_worker_keeps_to_a_cpu_of_its_own(self, tmp_path):
         """With ``auto`` affinity, worker i runs on the i-th CPU."""
         cpus = sorted(os.sched_getaffinity(0))
@@ -873,6 +1021,15 @@ def cpu_list(text: str) -> set[int]:
         first, _, last = part.partition("-")
         cpus.update(range(int(first), int(last or first) + 1))
     return cpus
+
+
+def wait_for_children(pid: int, count: int) -> list[int]:
+    """Wait up to 10 s until ``pid`` has ``count`` children; return them, sorted."""
+    deadline = time.monotonic() + 10
+    while len(found := sorted(children_of(pid))) < count:
+        assert time.monotonic() < deadline, f"only {found}"
+        time.sleep(0.05)
+    return found
 
 
 def children_of(pid: int) -> list[int]:

@@ -926,6 +926,31 @@ class TestForwardingHeaders:
         )
         assert upstream.calls[-1].headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
 
+    @pytest.mark.parametrize(
+        ("trusted", "sent", "forwarded"),
+        [
+            (True, "https", "https"),
+            (True, "http, https", "https"),
+            (False, "https", "http"),
+        ],
+        ids=["trusted", "trusted-chain", "untrusted"],
+    )
+    def test_the_proto_behind_a_trusted_proxy_is_the_proxys(
+        self, http, start_gateway, upstream, trusted, sent, forwarded
+    ):
+        """A TLS proxy's X-Forwarded-Proto is passed on when trusted, else not."""
+        gateway = start_gateway(trust_forwarded=trusted)
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        _, token = gateway.make_key(permissions=(("svc", "/"),))
+        call(
+            http,
+            gateway,
+            token,
+            f"{BASE}/p1/lineage-version/1/svc/x",
+            headers={"X-Forwarded-Proto": sent},
+        )
+        assert upstream.calls[-1].headers["x-forwarded-proto"] == forwarded
+
     def test_a_malformed_request_id_is_replaced(self, http, gateway, upstream, caller):
         """An id with spaces or too long is not passed on; a fresh one is."""
         response = call(

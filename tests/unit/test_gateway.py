@@ -16,6 +16,7 @@ from dais_core.gateway import (
     upstream_url,
     valid_request_id,
 )
+from dais_core.keys import new_key
 from dais_core.rules import normalise_route
 from tests import strategies
 
@@ -173,6 +174,10 @@ class TestValidRequestId:
     def test_refuses_anything_else(self, value):
         """Missing, empty, long or unusual ids are replaced by the gateway."""
         assert not valid_request_id(value)
+
+    def test_refuses_an_id_shaped_like_a_key(self):
+        """A key sent as a request id would be logged and forwarded: it is not kept."""
+        assert not valid_request_id(new_key().token)
 
 
 class TestUpstreamHeaders:

@@ -11,10 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dais_core.errors import Unauthenticated
+from dais_core.errors import InvalidData, Unauthenticated
 from dais_core.keys import (
+    ADMIN_PREFIX,
     TOKEN_PREFIX,
     hash_secret,
+    key_id_of,
     new_key,
     parse_token,
     secret_matches,
@@ -166,3 +168,28 @@ class TestParseToken:
         with pytest.raises(Unauthenticated) as caught:
             parse_token(TOKEN[:-1] + ("0" if TOKEN[-1] != "0" else "1"))
         assert TOKEN[5:-6] not in str(caught.value.body())
+
+
+class TestKeyIdOf:
+    def test_a_key_id_is_itself(self):
+        """An id, or any text not shaped like a secret, is taken as it is."""
+        assert key_id_of("a0a1a2a3a4a5a6a7") == "a0a1a2a3a4a5a6a7"
+        assert key_id_of("k1") == "k1"
+
+    def test_a_whole_key_gives_its_id(self):
+        """A pasted key is read as the id it carries."""
+        assert key_id_of(TOKEN) == parse_token(TOKEN)[0]
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            TOKEN[:-1] + ("0" if TOKEN[-1] != "0" else "1"),
+            new_key(prefix=ADMIN_PREFIX).token,
+        ],
+        ids=["bad-checksum", "admin-token"],
+    )
+    def test_a_secret_that_is_no_api_key_is_refused_unrepeated(self, text):
+        """A damaged key or an admin token is refused without being repeated."""
+        with pytest.raises(InvalidData) as caught:
+            key_id_of(text)
+        assert text.split("_")[2][:32] not in str(caught.value.body())
