@@ -373,6 +373,25 @@ class SqlStore:
             )
         return [self._credential(row) for row in rows]
 
+    def keys_reaching(self, project: str) -> list[Credential]:
+        """Return the keys that can act in ``project``, oldest first.
+
+        Its own keys, and keys of other projects that hold a gateway
+        permission in it or a grant to its File Manager: its admins see
+        every key that reaches their services and files.
+        """
+        escaped = project.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+        rows = self._read(
+            "SELECT * FROM keys WHERE project = ?"
+            " OR id IN (SELECT key_id FROM permissions WHERE project = ?)"
+            " OR id IN (SELECT key_id FROM grants WHERE locations LIKE ? ESCAPE '!')"
+            " ORDER BY created, id",
+            project,
+            project,
+            f"%filemanager://{escaped}/%",
+        )
+        return [self._credential(row) for row in rows]
+
     def add_permission(self, key_id: str, permission: Permission) -> None:
         """Give a key a gateway permission.
 

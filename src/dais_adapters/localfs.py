@@ -304,9 +304,7 @@ class LocalFolderStorage:
         """
         destination, missing = self.path_of(location)
         real_root = self.root.resolve()
-        with _translated("stage the file"):
-            self.staging.mkdir(parents=True, exist_ok=True)
-            staging_fd = _open_folder(real_root, real_root / STAGING_FOLDER)
+        staging_fd = self._open_staging(real_root, "stage the file")
         try:
             with _translated("reach the destination folder"):
                 held = destination.parents[len(missing)]
@@ -314,27 +312,10 @@ class LocalFolderStorage:
         except BaseException:
             os.close(staging_fd)
             raise
-        try:
-            with _translated("stage the file"):
-                name = f"{uuid.uuid4().hex}{_SUFFIX}"
-                handle = NewFile(Path(name), dir_fd=staging_fd)
-        except BaseException:
-            os.close(staging_fd)
-            os.close(folder_fd)
-            raise
+        name, handle = _new_part(staging_fd, "stage the file", staging_fd, folder_fd)
         temp = real_root / STAGING_FOLDER / name
-        staged = _StagedFile(
-            temp, destination, handle, (staging_fd, folder_fd), missing
-        )
-        try:
-            with _translated("lock the staged file"):
-                # Held until the copy is renamed or dropped: the sweep of
-                # any process leaves a locked copy alone, however old.
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException:
-            staged.abort()
-            raise
-        return staged
+        folders = (staging_fd, folder_fd)
+        return _locked(_StagedFile(temp, destination, handle, folders, missing))
 
     def scratch(self) -> _StagedFile:
         """Open a private copy in the staging folder that no location takes.
@@ -347,25 +328,15 @@ class LocalFolderStorage:
             PublishFailed: The disk refuses.
         """
         real_root = self.root.resolve()
-        with _translated("stage a copy to check"):
-            self.staging.mkdir(parents=True, exist_ok=True)
-            staging_fd = _open_folder(real_root, real_root / STAGING_FOLDER)
-        try:
-            with _translated("stage a copy to check"):
-                name = f"{uuid.uuid4().hex}{_SUFFIX}"
-                handle = NewFile(Path(name), dir_fd=staging_fd)
-        except BaseException:
-            os.close(staging_fd)
-            raise
+        staging_fd = self._open_staging(real_root, "stage a copy to check")
+        name, handle = _new_part(staging_fd, "stage a copy to check", staging_fd)
         temp = real_root / STAGING_FOLDER / name
-        copy = _StagedFile(temp, temp, handle, (staging_fd, staging_fd))
-        try:
-            with _translated("lock the copy to check"):
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException:
-            copy.abort()
-            raise
-        return copy
+        return _locked(_StagedFile(temp, temp, handle, (staging_fd, staging_fd)))
+
+    def _open_staging(self, real_root: Path, action: str) -> int:
+        with _translated(action):
+            self.staging.mkdir(parents=True, exist_ok=True)
+            return _open_folder(real_root, real_root / STAGING_FOLDER)
 
     def ping(self) -> None:
         """Check the File Manager folder exists (or can be made) and is writable.
@@ -416,6 +387,32 @@ class LocalFolderStorage:
         if removed:
             log.warning("removed %d stale staged files from %s", removed, self.staging)
         return removed
+
+
+def _new_part(staging_fd: int, action: str, *held: int) -> tuple[str, NewFile]:
+    """Create a staged file in the staging folder; close ``held`` if that fails."""
+    try:
+        with _translated(action):
+            name = f"{uuid.uuid4().hex}{_SUFFIX}"
+            return name, NewFile(Path(name), dir_fd=staging_fd)
+    except BaseException:
+        for fd in held:
+            os.close(fd)
+        raise
+
+
+def _locked(staged: _StagedFile) -> _StagedFile:
+    """Lock a staged copy until it is renamed or dropped, and return it.
+
+    The sweep of any process leaves a locked copy alone, however old.
+    """
+    try:
+        with _translated("lock the staged file"):
+            fcntl.flock(staged.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        staged.abort()
+        raise
+    return staged
 
 
 def _remove_if_stale(folder: int, name: str, cutoff: float) -> bool:

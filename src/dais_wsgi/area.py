@@ -301,7 +301,7 @@ class ApiKeysPage:
             resp.set_header("Location", "/app/login?next=" + quote(req.path))
             return
         require_project(admin, project)
-        keys = [self._item(c) for c in self.store.list_keys(project)]
+        keys = [self._item(c, project) for c in self.store.keys_reaching(project)]
         resp.set_headers(_HEADERS)
         if wants_json:
             resp.media = {"project": project, "keys": keys}
@@ -309,17 +309,37 @@ class ApiKeysPage:
         resp.content_type = falcon.MEDIA_HTML
         resp.text = _page(f"API keys of {project}", _render(project, keys))
 
-    def _item(self, credential: Any) -> dict[str, Any]:
+    def _item(self, credential: Any, project: str) -> dict[str, Any]:
         key_id = credential.key.id
         publishes = self.store.publishes(key_id, _RECENT)
         forwards = self.store.forwards(key_id, _RECENT)
         for record in (*publishes, *forwards):
             record["at"] = iso(record["at"])
             record.pop("id", None)
-        return credential_json(credential, self.runtime.clock()) | {
+        item = credential_json(credential, self.runtime.clock()) | {
             "publishes": publishes,
             "forwards": forwards,
         }
+        return item if credential.key.project == project else _within(item, project)
+
+
+def _within(item: dict[str, Any], project: str) -> dict[str, Any]:
+    """Keep of another project's key what concerns ``project`` only.
+
+    Its admins see that the key reaches them, and how; not what else it
+    may do, or did, in its own project.
+    """
+    folder = f"filemanager://{project}/"
+
+    def here(locations: list[str]) -> bool:
+        return any(location.startswith(folder) for location in locations)
+
+    return item | {
+        "permissions": [p for p in item["permissions"] if p["project"] == project],
+        "grants": [g for g in item["grants"] if here(g["locations"])],
+        "publishes": [r for r in item["publishes"] if here(r["locations"])],
+        "forwards": [r for r in item["forwards"] if r["project"] == project],
+    }
 
 
 def bearer_admin(req: falcon.Request, runtime: Runtime) -> AdminToken:
@@ -372,6 +392,7 @@ def _render(project: str, keys: list[dict[str, Any]]) -> str:
 def _render_key(key: dict[str, Any]) -> str:
     state = key["state"]
     rows = [
+        ("Project", key["project"]),
         ("Label", key["label"]),
         ("Requestor", key["requestor"]),
         ("Approver", key["approver"]),

@@ -6,11 +6,11 @@ copies of ``serve`` that inherit it and accept from it, each kept to a CPU
 of its own unless ``--cpu-affinity off`` (worker i on the i-th CPU the
 parent may use, round the list), starts another in place of one that ends,
 and stops them (by PID) when it is stopped; workers stop with a parent
-killed outright (:func:`die_with_parent`). The workers share keys, services and the throttle only
-through the store and the throttle state, so several workers need a shared
-throttle (Redis); the caps on requests in flight stay per worker, while
-the store's commit lock (PostgreSQL's advisory locks, SQLite's lock file)
-spans them.
+killed outright (:func:`die_with_parent`). The workers share keys, services
+and the throttle only through the store and the throttle state, so several
+workers need a shared throttle (Redis); the caps on requests in flight stay
+per worker, while the store's commit lock (PostgreSQL's advisory locks,
+SQLite's lock file) spans them.
 """
 
 from __future__ import annotations
@@ -191,7 +191,12 @@ def _supervise(
                 child.pid,
                 child.returncode,
             )
-            children[index] = start(index)
+            try:
+                children[index] = start(index)
+            except OSError:
+                if stopped:  # the stop closed the socket meanwhile
+                    return None
+                raise
         time.sleep(SUPERVISE_EVERY)
     return None
 

@@ -131,6 +131,20 @@ class TestPermissionsAndGrants:
             Grant("x", ("filemanager://p1/y",), DataType.SQLITE),
         )
 
+    def test_the_keys_reaching_a_project_are_found_through_both(self, store):
+        """Its own, and others' with a permission or File Manager grant in it."""
+        own, _ = a_key("q_1")
+        by_permission, _ = a_key("p2")
+        by_grant, _ = a_key("p2")
+        look_alike, _ = a_key("p2")
+        for key in (own, by_permission, by_grant, look_alike):
+            store.add_key(key)
+        store.add_permission(by_permission.id, Permission("q_1", "svc", "/"))
+        store.add_grant(by_grant.id, Grant("x", ("s3://b/x", "filemanager://q_1/x")))
+        store.add_grant(look_alike.id, Grant("x", ("filemanager://qx1/x",)))
+        found = {credential.key.id for credential in store.keys_reaching("q_1")}
+        assert found == {own.id, by_permission.id, by_grant.id}
+
     def test_an_unknown_key_gets_nothing(self, store):
         """Permissions and grants need an existing key."""
         with pytest.raises(NotFound):

@@ -694,6 +694,37 @@ class TestProjectArea:
         assert key["id"] == mine["id"]
         assert [p["outcome"] for p in key["publishes"]] == ["published"]
 
+    def test_a_key_of_another_project_that_reaches_this_one_is_listed(
+        self, platform, gateway
+    ):
+        """Shown with what it may do here only; a look-alike project's is not."""
+        reaching = create_key(platform, "p2")
+        elsewhere = create_key(platform, "p2")
+        base = f"/admin/v1/keys/{reaching['id']}"
+        for project in ("q_1", "p2"):
+            permission = {"project": project, "service": "svc", "prefix": "/api"}
+            assert (
+                platform.call("POST", f"{base}/permissions", permission).status == 200
+            )
+        grants = {
+            reaching["id"]: ("filemanager://q_1/inbox/f", "filemanager://p2/own/f"),
+            elsewhere["id"]: ("filemanager://qx1/inbox/f",),
+        }
+        for key_id, locations in grants.items():
+            for n, location in enumerate(locations):
+                grant = {"resource": f"r{n}", "locations": [location]}
+                path = f"/admin/v1/keys/{key_id}/grants"
+                assert platform.call("POST", path, grant).status == 200
+
+        page = project_admin(gateway, "q_1").call("GET", "/app/q_1/admin/apikeys")
+
+        (key,) = page.json()["keys"]
+        assert (key["id"], key["project"]) == (reaching["id"], "p2")
+        assert [p["project"] for p in key["permissions"]] == ["q_1"]
+        assert [g["locations"] for g in key["grants"]] == [
+            ["filemanager://q_1/inbox/f"]
+        ]
+
     def test_another_projects_admin_gets_403_and_learns_nothing(
         self, platform, gateway
     ):

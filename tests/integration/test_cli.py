@@ -704,19 +704,8 @@ class TestDemo:
     def test_the_demo_serves_and_revokes_its_key_when_stopped(self, tmp_path, signum):
         """The printed key calls the sample service; a stop signal revokes it."""
         home = tmp_path / "home"
-        process = subprocess.Popen(
-            [COMMAND, "--home", str(home), "demo", "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        process, printed = start_demo(home)
         try:
-            assert process.stdout is not None
-            printed = ""
-            while "Press Ctrl-C" not in printed:
-                line = process.stdout.readline()
-                assert line, printed
-                printed += line
             base = re.search(r"gateway on (http://\S+),", printed).group(1)
             token = re.search(r"Bearer (dais_\w+)", printed).group(1)
             answer = urllib3.PoolManager(retries=False).request(
@@ -737,24 +726,30 @@ class TestDemo:
         """SIGKILL leaves no chance to revoke: the next demo does it first."""
         home = tmp_path / "home"
         for signum in (signal.SIGKILL, signal.SIGTERM):
-            process = subprocess.Popen(
-                [COMMAND, "--home", str(home), "demo", "--port", "0"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )
-            assert process.stdout is not None
-            printed = ""
-            while "Press Ctrl-C" not in printed:
-                line = process.stdout.readline()
-                assert line, printed
-                printed += line
+            process, printed = start_demo(home)
             process.send_signal(signum)
             process.wait(timeout=30)
             process.stdout.close()
         assert "left by a demo that was killed" in printed
         keys = json.loads(run(home, "keys", "list", "--json"))
         assert [k["state"] for k in keys] == ["revoked", "revoked"]
+
+
+def start_demo(home: Path) -> tuple[subprocess.Popen[str], str]:
+    """Start ``dais-gateway demo``; return it and all it printed up to Ctrl-C."""
+    process = subprocess.Popen(
+        [COMMAND, "--home", str(home), "demo", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    printed = ""
+    while "Press Ctrl-C" not in printed:
+        line = process.stdout.readline()
+        assert line, printed
+        printed += line
+    return process, printed
 
 
 class TestExplain:
