@@ -31,6 +31,21 @@ __all__ = ["SqlStore", "migrations"]
 Row = Mapping[str, Any]
 
 
+def reaches(credential: Credential, project: str) -> bool:
+    """Return whether a key can act in ``project``: its own, or by a gateway
+    permission in it or a grant to its File Manager."""
+    folder = f"filemanager://{project}/"
+    return (
+        credential.key.project == project
+        or any(p.project == project for p in credential.permissions)
+        or any(
+            location.startswith(folder)
+            for grant in credential.grants
+            for location in grant.locations
+        )
+    )
+
+
 def _methods(text: str) -> frozenset[str]:
     return frozenset(m for m in text.split(",") if m)
 
@@ -390,7 +405,12 @@ class SqlStore:
             project,
             f"%filemanager://{escaped}/%",
         )
-        return [self._credential(row) for row in rows]
+        # LIKE ignores case in SQLite: keep only what truly reaches it.
+        return [
+            credential
+            for credential in map(self._credential, rows)
+            if reaches(credential, project)
+        ]
 
     def add_permission(self, key_id: str, permission: Permission) -> None:
         """Give a key a gateway permission.

@@ -53,6 +53,27 @@ def _translated(action: str) -> Iterator[None]:
         ) from exc
 
 
+@contextlib.contextmanager
+def _clashes() -> Iterator[None]:
+    """Report a folder or file that came in the way since staging as a clash."""
+    try:
+        yield
+    except IsADirectoryError as exc:
+        raise LocationConflict("a folder now stands where the file goes") from exc
+    except NotADirectoryError as exc:
+        raise LocationConflict(
+            "a file now stands where a folder of the file goes"
+        ) from exc
+
+
+def _is_folder(path: Path) -> bool:
+    """Return whether ``path`` itself is a folder (a link to one is not)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -127,7 +148,7 @@ class _StagedFile:
 
     def commit(self) -> None:
         name, staging = self.destination.name, self.staging_fd
-        with _translated("store the file"):
+        with _translated("store the file"), _clashes():
             self.handle.flush()
             os.fsync(self.handle.fileno())
             folder = self._make_missing()
@@ -281,13 +302,15 @@ class LocalFolderStorage:
                 existing = existing.parent
             real_existing = existing.resolve()
             in_a_folder = stat.S_ISDIR(os.stat(real_existing).st_mode)
+            # A link in its place is replaced, never followed: not a clash.
+            a_folder = in_a_folder and not missing and _is_folder(path)
         self._contained(real_existing, real_root, location)
         if not in_a_folder:
             raise LocationConflict(
                 f"a file in the File Manager stands where a folder of "
                 f"{location.uri} goes"
             )
-        if not missing and path.is_dir():
+        if a_folder:
             raise LocationConflict(f"{location.uri} is a folder in the File Manager")
         return real_existing.joinpath(*missing, path.name), tuple(missing)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
 from dais_core.errors import InvalidData, InvalidRoute, UpstreamUnreachable
-from dais_core.keys import looks_like_token
+from dais_core.keys import holds_secret
 from dais_core.rules import check_name, normalise_route
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "GatewayCall",
     "parse_gateway_path",
     "relayable_status",
+    "routed_to_gateway",
     "split_target",
     "upstream_headers",
     "upstream_url",
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 GATEWAY_PREFIX = "/project-gateway/webhooks/"
+_GATEWAY_ROUTED = re.compile(r"/+project-gateway/webhooks(?:/|$)")
 
 HOP_BY_HOP = frozenset(
     {
@@ -122,6 +124,16 @@ class GatewayCall:
     route: str
 
 
+def routed_to_gateway(path: str) -> bool:
+    """Return whether the server hands a raw path to the gateway at all.
+
+    It routes on the decoded path, leading slashes taken as one; the gateway
+    then reads the path as sent, so a routed path that is no gateway path
+    as sent is a 400 there, and an unrouted one the server's 404.
+    """
+    return _GATEWAY_ROUTED.match(unquote(path)) is not None
+
+
 def split_target(target: str) -> tuple[str, str | None]:
     """Split a request target into its raw path and query, as the gateway does.
 
@@ -133,12 +145,17 @@ def split_target(target: str) -> tuple[str, str | None]:
         The percent-encoded path, and the query (``None`` without a ``?``).
 
     Raises:
-        InvalidRoute: The target holds a ``#``, or is absolute with another
-            scheme, no host, user information or a host that is not one
-            host[:port]: the gateway answers such a target 400.
+        InvalidRoute: The target holds a ``#``, a space or a control
+            character, or is absolute with another scheme, no host, user
+            information or a host that is not one host[:port]: the gateway
+            answers such a target 400.
     """
     if "#" in target:
         raise InvalidRoute("a request target cannot hold a fragment ('#')")
+    if any(ch <= " " or ch == "\x7f" for ch in target):
+        # URL parsers drop tabs and line breaks silently (WHATWG), which
+        # would make another target of this one.
+        raise InvalidRoute("a request target holds no spaces or control characters")
     if not target.startswith("/"):
         try:
             parts = urlsplit(target)
@@ -247,7 +264,7 @@ def valid_request_id(value: str | None) -> bool:
     return (
         value is not None
         and _REQUEST_ID.fullmatch(value) is not None
-        and not looks_like_token(value)
+        and not holds_secret(value)
     )
 
 

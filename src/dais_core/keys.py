@@ -28,8 +28,8 @@ __all__ = [
     "TOKEN_PREFIX",
     "NewKey",
     "hash_secret",
+    "holds_secret",
     "key_id_of",
-    "looks_like_token",
     "new_key",
     "parse_token",
     "secret_matches",
@@ -43,6 +43,10 @@ SESSION_PREFIX = "daisses"
 _WHAT = {ADMIN_PREFIX: "admin token", SESSION_PREFIX: "session"}
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _SECRET_LENGTH = 32
+#: A run shaped like a token with most of its secret: text holding one is
+#: never repeated back, whatever else is around it. The prefix starts a run
+#: of letters and is short, so a search takes time linear in the text.
+_SECRET_LIKE = re.compile(r"(?<![a-z])[a-z]{1,64}_[0-9a-f]{16}_[0-9A-Za-z]{16}")
 _TOKEN = re.compile(
     r"(?P<prefix>[a-z]+)_(?P<id>[0-9a-f]{16})_"
     rf"(?P<secret>[0-9A-Za-z]{{{_SECRET_LENGTH}}})(?P<check>[0-9A-Za-z]{{6}})"
@@ -117,28 +121,38 @@ def parse_token(token: str, prefix: str = TOKEN_PREFIX) -> tuple[str, str]:
     return found["id"], found["secret"]
 
 
-def key_id_of(text: str) -> str:
-    """Return the key id that ``text`` names: itself, or a whole key's id.
+def key_id_of(text: str, prefix: str = TOKEN_PREFIX) -> str:
+    """Return the id that ``text`` names: itself, or a whole token's id.
 
     An operator revoking a leaked key may paste the whole key rather than
-    its id: the id is taken from it, so that the secret goes no further
-    (into no message, log line or audit record).
+    its id, with a stray space, a line break or ``Bearer `` around it: the
+    id is taken from it, so that the secret goes no further (into no
+    message, log line or audit record).
+
+    Args:
+        text: An id, or a whole token.
+        prefix: :data:`TOKEN_PREFIX` for API keys, :data:`ADMIN_PREFIX` for
+            admin tokens.
 
     Raises:
-        InvalidData: ``text`` has the form of a secret but is no
-            well-formed API key (the message does not repeat it).
+        InvalidData: ``text`` holds what looks like a secret but is no
+            well-formed token of that kind (the message does not repeat it).
     """
-    if not looks_like_token(text):
+    if not holds_secret(text):
         return text
+    candidate = text.strip()
+    if candidate[:7].lower() == "bearer ":
+        candidate = candidate[7:].strip()
     try:
-        return parse_token(text)[0]
+        return parse_token(candidate, prefix)[0]
     except Unauthenticated:
-        raise InvalidData("that is no key id, nor a well-formed API key") from None
+        what = _WHAT.get(prefix, "API key")
+        raise InvalidData(f"that is no id, nor a well-formed {what}") from None
 
 
-def looks_like_token(text: str) -> bool:
-    """Return whether ``text`` has the form of a key, admin token or session."""
-    return _TOKEN.fullmatch(text) is not None
+def holds_secret(text: str) -> bool:
+    """Return whether ``text`` holds something shaped like a key or token."""
+    return _SECRET_LIKE.search(text) is not None
 
 
 def secret_matches(secret: str, secret_hash: str) -> bool:

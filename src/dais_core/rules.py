@@ -364,8 +364,8 @@ def check_resource_id(value: str, *, allow_prefix: bool = False) -> str:
 
     ``dirOne/dirTwo/name`` is fine; empty segments, ``.`` and ``..``,
     absolute paths, backslashes and what converts to one or to ``/``, drive
-    letters, ``:``, NUL and control characters are refused. Joined under any root, an accepted id stays
-    under that root.
+    letters, ``:``, NUL and control characters are refused. Joined under
+    any root, an accepted id stays under that root.
 
     Args:
         value: The decoded resource id.

@@ -25,9 +25,9 @@ from dais_core.errors import (
     status_for,
 )
 from dais_core.gateway import (
-    GATEWAY_PREFIX,
     GatewayCall,
     parse_gateway_path,
+    routed_to_gateway,
     split_target,
     upstream_url,
 )
@@ -193,7 +193,7 @@ def explain(
     (method,) = check_methods([method])
     try:
         path, query = split_target(target)
-        if not path.startswith(GATEWAY_PREFIX):
+        if not routed_to_gateway(path):
             raise NotFound("no gateway endpoint at that path")
         _check_live(credential, now)
         call = parse_gateway_path(path)
@@ -289,9 +289,24 @@ class _Publication:
             self.scratch = inspector.scratch_for(
                 self.target.grant.data_type, self.staged
             )
+        except PublishFailed as exc:
+            self.abort()
+            raise self.scratch_failed(exc) from exc
         except DaisError:
             self.abort()
             raise
+
+    def scratch_failed(self, error: DaisError) -> PublishFailed:
+        """Build the 500 for a failed scratch copy: every location aborted."""
+        outcomes = [
+            {"location": location.uri, "outcome": "aborted"}
+            for location in self.target.locations
+        ]
+        return PublishFailed(
+            f"the copy kept to check the file failed ({error.message}); "
+            "nothing was changed",
+            locations=outcomes,
+        )
 
     def drop_scratch(self) -> None:
         """Abort the private copy, if any."""
@@ -359,8 +374,8 @@ class _Publication:
             self.drop_scratch()
         except PublishFailed as exc:
             self.abort()
-            if index < 0:
-                raise  # the scratch copy failed, not a location
+            if index < 0:  # the scratch copy failed, not a location
+                raise self.scratch_failed(exc) from exc
             raise self.fail(index, exc, _NOTHING_CHANGED) from exc
         except BaseException:
             self.abort()

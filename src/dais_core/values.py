@@ -62,7 +62,11 @@ class ApiKey:
         return self.state(now) == "active"
 
     def state(self, now: float) -> str:
-        """Return ``revoked``, ``expired`` or ``active``: what a call meets at ``now``."""
+        """Return what a call with the key meets at ``now``.
+
+        Returns:
+            ``revoked``, ``expired`` or ``active``.
+        """
         if self.revoked is not None and self.revoked <= now:
             return "revoked"
         if self.expires is not None and self.expires <= now:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import falcon
 import http_sf
@@ -41,6 +41,7 @@ from dais_core.errors import (
 from dais_core.gateway import (
     parse_gateway_path,
     relayable_status,
+    split_target,
     upstream_headers,
     valid_request_id,
 )
@@ -78,6 +79,8 @@ READ_SIZE = 256 * 1024
 #: A multipart boundary's characters (RFC 2046, section 5.1.1); the last is
 #: not a space.
 _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]*[0-9A-Za-z'()+_,./:=?-]")
+#: Those of them a boundary may hold unquoted (RFC 2045, section 5.1).
+_TOKEN_BOUNDARY = re.compile(r"[0-9A-Za-z'+_.-]+")
 
 
 def _parameter_names(content_type: str) -> list[str]:
@@ -95,7 +98,8 @@ def raw_path(req: falcon.Request) -> str:
         # Not behind waitress: rebuild a percent-encoded path from PATH_INFO.
         return quote(req.env.get("SCRIPT_NAME", "") + req.env.get("PATH_INFO", ""))
     if not target.startswith("/"):
-        target = urlsplit(target).path or "/"
+        # Absolute form, read as the gateway reads every target.
+        return split_target(str(target))[0] or "/"
     return str(target).partition("?")[0]
 
 
@@ -452,6 +456,11 @@ class UploadSink:
             raise InvalidData("the multipart boundary is missing or too long")
         if not _BOUNDARY.fullmatch(boundary):
             raise InvalidData("the multipart boundary has characters it cannot have")
+        if not _TOKEN_BOUNDARY.fullmatch(boundary) and not re.search(
+            rf'(?i)boundary\s*=\s*"{re.escape(boundary)}"', content_type
+        ):
+            # Unquoted, a ',' or ' ' would end the value for another parser.
+            raise InvalidData("a multipart boundary with such characters is quoted")
         if _parameter_names(content_type).count("boundary") > 1:
             # Parsers keep one or the other: each would see another body.
             raise InvalidData("the Content-Type names more than one boundary")

@@ -327,17 +327,23 @@ def _within(item: dict[str, Any], project: str) -> dict[str, Any]:
     """Keep of another project's key what concerns ``project`` only.
 
     Its admins see that the key reaches them, and how; not what else it
-    may do, or did, in its own project.
+    may do, or did, in its own project: other locations of its grants and
+    records, and when it was last used (perhaps elsewhere), are left out.
     """
     folder = f"filemanager://{project}/"
 
-    def here(locations: list[str]) -> bool:
-        return any(location.startswith(folder) for location in locations)
+    def here(entry: dict[str, Any]) -> dict[str, Any] | None:
+        kept = [at for at in entry["locations"] if at.startswith(folder)]
+        return entry | {"locations": kept} if kept else None
+
+    def only_here(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [kept for entry in entries if (kept := here(entry)) is not None]
 
     return item | {
+        "last_used": None,
         "permissions": [p for p in item["permissions"] if p["project"] == project],
-        "grants": [g for g in item["grants"] if here(g["locations"])],
-        "publishes": [r for r in item["publishes"] if here(r["locations"])],
+        "grants": only_here(item["grants"]),
+        "publishes": only_here(item["publishes"]),
         "forwards": [r for r in item["forwards"] if r["project"] == project],
     }
 

@@ -23,7 +23,7 @@ import attrs
 
 from dais_core.admin import AuditRecord, Role
 from dais_core.errors import DaisError, InvalidData, NotFound
-from dais_core.keys import key_id_of, new_key
+from dais_core.keys import ADMIN_PREFIX, TOKEN_PREFIX, key_id_of, new_key
 from dais_core.policies import RatePolicy
 from dais_core.rules import (
     check_grant_locations,
@@ -273,13 +273,18 @@ def _admins_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_id(text: str) -> str:
+def _key_id(text: str, prefix: str = TOKEN_PREFIX) -> str:
     """Read a key id, taking it from a whole key pasted in its place."""
     try:
-        return key_id_of(text)
+        return key_id_of(text, prefix)
     except InvalidData as exc:
         # Not ValueError: argparse would repeat the value, a secret maybe.
         raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _admin_id(text: str) -> str:
+    """Read an admin token's id, taking it from a whole token pasted for it."""
+    return _key_id(text, ADMIN_PREFIX)
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -447,7 +452,9 @@ def _parser() -> argparse.ArgumentParser:
     acreate.add_argument("--json", action="store_true")
     acreate.set_defaults(run=_admins_create)
     arevoke = admins.add_parser("revoke", help="revoke an admin token now")
-    arevoke.add_argument("admin_id")
+    arevoke.add_argument(
+        "admin_id", type=_admin_id, help="an admin token's id, or the whole token"
+    )
     arevoke.set_defaults(run=_admins_revoke)
 
     explainer = groups.add_parser(

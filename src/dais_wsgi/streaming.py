@@ -349,7 +349,8 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
     def parse_header(self, header_plus: bytes) -> None:
         """Parse the head; note whether the body streams; refuse bad framing.
 
-        Refused: a request framed two ways at once, a body chunked twice, an
+        Refused: a request framed two ways at once, a body chunked twice, two
+        ``Content-Type`` lines, a control character in an absolute target, an
         HTTP/1.0 request with a ``Transfer-Encoding``, an unreadable ``Content-Length``, an HTTP/1.1
         request with no ``Host``, a ``Host`` that is not one host[:port], and
         a target in absolute form that is not ``http`` or ``https`` with such
@@ -386,6 +387,16 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
             # A request target has no fragment (RFC 9112, 3.2); parsers cut
             # one off at different places, and a query may hide behind it.
             raise ParsingError("a request target cannot hold a fragment ('#')")
+        absolute = not str(self.request_uri).startswith("/")
+        if absolute and any(ch < "\x21" or ch == "\x7f" for ch in self.request_uri):
+            # waitress lets a tab through, and the URL parser it uses for an
+            # absolute target drops it: another path than the one sent. (The
+            # application refuses one in an origin-form target itself.)
+            raise ParsingError("a request target holds no control characters")
+        if _field_count(header_plus, b"content-type") > 1:
+            # Joined into one by waitress: parsers that keep the first line
+            # or read the joined value would see different bodies.
+            raise ParsingError("a request has one Content-Type")
         if self.proxy_scheme or self.proxy_netloc:
             authority = str(self.proxy_netloc)
             if str(self.proxy_scheme).lower() not in {"http", "https"} or not (
@@ -402,6 +413,12 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
         elif not valid_host(host):
             # RFC 9112, section 3.2: also two Host lines, joined by waitress.
             raise ParsingError("the Host header must be one host[:port]")
+
+
+def _field_count(header_plus: bytes, name: bytes) -> int:
+    """Return how many lines of a request head are the field ``name``."""
+    lines = get_header_lines(header_plus.partition(b"\r\n")[2])
+    return sum(line.partition(b":")[0].lower() == name for line in lines)
 
 
 def _transfer_codings(header_plus: bytes) -> list[bytes]:

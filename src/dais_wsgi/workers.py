@@ -40,6 +40,8 @@ SUPERVISE_EVERY = 0.2
 #: parent gives up and stops them all (exit status 1).
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+#: Seconds past the shutdown grace a worker has to stop before it is killed.
+STOP_MARGIN = 10.0
 _PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger(__name__)
@@ -148,8 +150,7 @@ def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
         failed = _supervise(children, start, stopped)
         if failed is not None:
             stop(signal.SIGTERM, None)
-        for child in children:
-            child.wait()
+        _wait_all(children, settings.shutdown_grace + STOP_MARGIN)
     finally:
         listener.close()
     if failed is not None:
@@ -197,8 +198,27 @@ def _supervise(
                 if stopped:  # the stop closed the socket meanwhile
                     return None
                 raise
+            if stopped:
+                # The stop came while it started, and did not see it.
+                children[index].send_signal(signal.SIGTERM)
         time.sleep(SUPERVISE_EVERY)
     return None
+
+
+def _wait_all(children: list[subprocess.Popen[bytes]], limit: float) -> None:
+    """Wait for every worker; kill one still there ``limit`` seconds on.
+
+    A worker that cannot drain (stopped with SIGSTOP, stuck in the kernel)
+    would otherwise keep the parent, and the port, forever.
+    """
+    deadline = time.monotonic() + limit
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("worker (pid %d) did not stop; killing it", child.pid)
+            child.kill()
+            child.wait()
 
 
 def _exit_status(returncode: int, stopped: bool) -> int:

@@ -137,11 +137,13 @@ class TestPermissionsAndGrants:
         by_permission, _ = a_key("p2")
         by_grant, _ = a_key("p2")
         look_alike, _ = a_key("p2")
-        for key in (own, by_permission, by_grant, look_alike):
+        other_case, _ = a_key("p2")
+        for key in (own, by_permission, by_grant, look_alike, other_case):
             store.add_key(key)
         store.add_permission(by_permission.id, Permission("q_1", "svc", "/"))
         store.add_grant(by_grant.id, Grant("x", ("s3://b/x", "filemanager://q_1/x")))
         store.add_grant(look_alike.id, Grant("x", ("filemanager://qx1/x",)))
+        store.add_grant(other_case.id, Grant("x", ("filemanager://Q_1/x",)))
         found = {credential.key.id for credential in store.keys_reaching("q_1")}
         assert found == {own.id, by_permission.id, by_grant.id}
 

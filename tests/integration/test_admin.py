@@ -200,9 +200,17 @@ class TestKeyLifecycle:
         assert revoked.json()["id"] == created["id"]
         assert revoked.json()["revoked"] is not None
         damaged = created["key"][:-1] + ("0" if created["key"][-1] != "0" else "1")
-        for path in (f"/admin/v1/keys/{damaged}", f"/admin/v1/keys/{created['key']}"):
+        paths = [
+            f"/admin/v1/keys/{damaged}",
+            f"/admin/v1/keys/{created['key']}",
+            f"/admin/v1/keys/{created['key']}x",
+            f"/admin/v1/keys/Bearer%20{created['key']}%20",
+        ]
+        for path in paths:
             answer = platform.call("GET", path)
-            assert secret not in answer.data.decode()
+            assert secret not in answer.data.decode(), path
+        spaced = platform.call("GET", f"/admin/v1/keys/{created['key']}%20")
+        assert spaced.json()["id"] == created["id"]
         audit = platform.call("GET", "/admin/v1/audit").data.decode()
         assert secret not in audit
 

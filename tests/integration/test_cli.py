@@ -947,6 +947,53 @@ class TestWorkers:
                 time.sleep(0.1)
             assert first[1] in now
 
+    def test_a_worker_that_cannot_stop_is_killed_and_the_port_freed(self, tmp_path):
+        """A frozen worker holds the stop up to grace and margin, then is killed."""
+        home = tmp_path / "home"
+        run(home, "keys", "list", "--json")
+        argv = [COMMAND, "--home", str(home), "serve", "--port", "0", "--workers", "2"]
+        argv += ["--throttle", "redis://127.0.0.1:6379/0", "--shutdown-grace", "1"]
+        parent = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        workers = wait_for_children(parent.pid, 2)
+        os.kill(workers[0], signal.SIGSTOP)
+        parent.send_signal(signal.SIGTERM)
+        try:
+            status = parent.wait(timeout=30)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+                parent.wait()
+            parent.stdout.close()
+        assert status == 128 + signal.SIGKILL
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+        assert refusal_time(line.split()[3]) < 1
+
+    def test_a_stop_while_a_worker_restarts_stops_them_all(self, tmp_path):
+        """SIGTERM right after a worker died: every worker ends, and the parent."""
+        home = tmp_path / "home"
+        run(home, "keys", "list", "--json")
+        argv = [COMMAND, "--home", str(home), "serve", "--port", "0", "--workers", "2"]
+        argv += ["--throttle", "redis://127.0.0.1:6379/0", "--shutdown-grace", "1"]
+        for pause in (0.0, 0.1, 0.2):
+            parent = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+            assert parent.stdout is not None
+            base = parent.stdout.readline().split()[3]
+            workers = wait_for_children(parent.pid, 2)
+            os.kill(workers[0], signal.SIGKILL)
+            time.sleep(pause)
+            parent.send_signal(signal.SIGTERM)
+            try:
+                parent.wait(timeout=30)
+            finally:
+                if parent.poll() is None:
+                    parent.kill()
+                    parent.wait()
+                parent.stdout.close()
+            # A worker left running would still hold the port.
+            assert refusal_time(base) < 1, f"a worker outlived the stop ({pause})"
+
     def test_workers_end_with_a_parent_killed_outright(self, tmp_path):
         """SIGKILL the parent: its workers stop too, and the port is free."""
         home = tmp_path / "home"

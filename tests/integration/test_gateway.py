@@ -628,6 +628,23 @@ class TestSmugglingAndOverrides:
         assert upstream.calls == []
 
     @pytest.mark.parametrize(
+        "target",
+        [
+            f"http://127.0.0.1{BASE}/p1/lineage-version/3/svc/api/web\thook/x",
+            f"{BASE}/p1/lineage-version/3/svc/api/web\thook/x",
+            f"http://127.0.0.1{BASE}/p1/lineage-version/3/svc/api/webhook/x\x7f",
+        ],
+        ids=["absolute-tab", "origin-tab", "absolute-delete"],
+    )
+    def test_a_control_character_in_the_target_is_refused(
+        self, gateway, upstream, caller, target
+    ):
+        """A tab a URL parser would drop makes no other path: 400, nothing sent."""
+        answer = post_target(gateway, caller, target, host="127.0.0.1")
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert upstream.calls == []
+
+    @pytest.mark.parametrize(
         "framing",
         [
             b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",

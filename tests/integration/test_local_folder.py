@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dais_adapters.localfs import STAGING_FOLDER, LocalFolderStorage
-from dais_core.errors import PublishFailed
+from dais_core.errors import LocationConflict, PublishFailed
 from dais_core.rules import parse_location
 
 pytestmark = pytest.mark.integration
@@ -105,3 +105,43 @@ class TestFailedCommit:
         staged.abort()
         assert (storage.root / "p1/x.bin").read_bytes() == b"before"
         assert list((storage.root / STAGING_FOLDER).iterdir()) == []
+
+    def test_a_folder_that_came_in_the_way_is_a_conflict(self, storage):
+        """A folder made where the file goes while it streamed: a clash, 409."""
+        staged = storage.stage(parse_location("filemanager://p1/x.bin"))
+        staged.write(b"data")
+        (storage.root / "p1/x.bin").mkdir(parents=True)
+        with pytest.raises(LocationConflict):
+            staged.commit()
+        staged.abort()
+        assert (storage.root / "p1/x.bin").is_dir()
+        assert list((storage.root / STAGING_FOLDER).iterdir()) == []
+
+    def test_a_file_that_came_in_the_way_of_a_folder_is_a_conflict(self, storage):
+        """A file made where a folder still to make goes: a clash, 409."""
+        (storage.root / "p1").mkdir()
+        staged = storage.stage(parse_location("filemanager://p1/d/x.bin"))
+        staged.write(b"data")
+        (storage.root / "p1/d").write_bytes(b"in the way")
+        with pytest.raises(LocationConflict):
+            staged.commit()
+        staged.abort()
+        assert (storage.root / "p1/d").read_bytes() == b"in the way"
+
+
+class TestLinksInPlace:
+    """A link where the file goes is replaced, never followed."""
+
+    def test_a_link_to_a_folder_is_replaced_by_the_file(self, storage, tmp_path):
+        """The link gives way; the folder it pointed to is untouched."""
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (storage.root / "p1").mkdir()
+        (storage.root / "p1/x.bin").symlink_to(elsewhere)
+        staged = storage.stage(parse_location("filemanager://p1/x.bin"))
+        staged.write(b"data")
+        staged.commit()
+        staged.release()
+        assert not (storage.root / "p1/x.bin").is_symlink()
+        assert (storage.root / "p1/x.bin").read_bytes() == b"data"
+        assert list(elsewhere.iterdir()) == []

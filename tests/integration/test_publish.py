@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import hashlib
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -205,6 +206,29 @@ class TestMultipart:
         assert response.status == 200, response.data
         assert (gateway.filemanager / "p1/x").read_bytes() == b"abc"
 
+    def test_two_content_types_are_400(self, gateway):
+        """Two Content-Type lines: the body cannot be read one way; 400."""
+        _, token = gateway.make_key(grants=(("x", ("filemanager://p1/x",), BINARY),))
+        # Framed for the two lines joined, as waitress joins them.
+        body = (
+            b'--abc, text/plain\r\nContent-Disposition: form-data; name="data"; '
+            b'filename="f"\r\n\r\nx\r\n--abc, text/plain--\r\n'
+        )
+        port = int(gateway.url.rsplit(":", 1)[1])
+        head = (
+            "POST /integration/v1/resources/x HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\nConnection: close\r\n"
+            "Content-Type: multipart/form-data; boundary=abc\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        answer = b""
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(head + body)
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert not (gateway.filemanager / "p1/x").exists()
+
     @pytest.mark.parametrize(
         ("content_type", "body"),
         [
@@ -224,6 +248,11 @@ class TestMultipart:
                 'multipart/form-data; boundary="zz "',
                 b'--zz \r\nContent-Disposition: form-data; name="data"; filename="f"'
                 b"\r\n\r\nx\r\n--zz --\r\n",
+            ),
+            (
+                "multipart/form-data; boundary=abc, boundary=def",
+                b'--abc, boundary=def\r\nContent-Disposition: form-data; name="data"; '
+                b'filename="f"\r\n\r\nx\r\n--abc, boundary=def--\r\n',
             ),
             (
                 "multipart/form-data; boundary=yy; boundary=zz",
@@ -274,6 +303,7 @@ class TestMultipart:
             "boundary-not-ascii",
             "boundary-odd-character",
             "boundary-ending-in-a-space",
+            "unquoted-comma",
             "two-boundaries",
             "no-parts",
             "truncated",

@@ -175,9 +175,13 @@ class TestValidRequestId:
         """Missing, empty, long or unusual ids are replaced by the gateway."""
         assert not valid_request_id(value)
 
-    def test_refuses_an_id_shaped_like_a_key(self):
+    @pytest.mark.parametrize("extra", ["", ".", "x:"], ids=["whole", "dot", "prefix"])
+    def test_refuses_an_id_holding_a_key(self, extra):
         """A key sent as a request id would be logged and forwarded: it is not kept."""
-        assert not valid_request_id(new_key().token)
+        token = new_key().token
+        assert not valid_request_id(
+            extra + token if extra.endswith(":") else token + extra
+        )
 
 
 class TestUpstreamHeaders:

@@ -176,17 +176,30 @@ class TestKeyIdOf:
         assert key_id_of("a0a1a2a3a4a5a6a7") == "a0a1a2a3a4a5a6a7"
         assert key_id_of("k1") == "k1"
 
-    def test_a_whole_key_gives_its_id(self):
-        """A pasted key is read as the id it carries."""
-        assert key_id_of(TOKEN) == parse_token(TOKEN)[0]
+    @pytest.mark.parametrize(
+        "text",
+        [TOKEN, TOKEN + " ", TOKEN + "\n", "Bearer " + TOKEN, " bearer  " + TOKEN],
+        ids=["as-is", "space", "line-break", "bearer", "lower-case-bearer"],
+    )
+    def test_a_whole_key_gives_its_id(self, text):
+        """A pasted key, give or take blanks and 'Bearer', is read as its id."""
+        assert key_id_of(text) == parse_token(TOKEN)[0]
+
+    def test_a_whole_admin_token_gives_its_id_when_asked(self):
+        """With the admin prefix, an admin token is read as its id."""
+        made = new_key(prefix=ADMIN_PREFIX)
+        assert key_id_of(made.token, ADMIN_PREFIX) == made.id
 
     @pytest.mark.parametrize(
         "text",
         [
             TOKEN[:-1] + ("0" if TOKEN[-1] != "0" else "1"),
             new_key(prefix=ADMIN_PREFIX).token,
+            TOKEN + "x",
+            TOKEN[:-1],
+            "no key " + TOKEN,
         ],
-        ids=["bad-checksum", "admin-token"],
+        ids=["bad-checksum", "admin-token", "one-more", "one-less", "in-a-sentence"],
     )
     def test_a_secret_that_is_no_api_key_is_refused_unrepeated(self, text):
         """A damaged key or an admin token is refused without being repeated."""

@@ -241,6 +241,11 @@ class TestExplain:
             ("http://" + GATEWAY + "p1/lineage-version/latest/svc/api/webhook", 400),
             ("//gw" + GATEWAY + "p1/lineage-version/latest/svc/api/webhook", 404),
             ("/other", 404),
+            ("/project-gateway/webhooksx/p1", 404),
+            ("/project-gateway/webhooks", 400),
+            ("/project-gateway/webhook%73/p1/lineage-version/1/svc/x", 400),
+            ("/project-gateway%2Fwebhooks/p1/lineage-version/1/svc/x", 400),
+            ("/" + GATEWAY + "p1/lineage-version/1/svc/x", 400),
         ],
         ids=[
             "fragment",
@@ -250,6 +255,11 @@ class TestExplain:
             "no-host",
             "two-slashes",
             "elsewhere",
+            "look-alike",
+            "no-slash",
+            "encoded-letter",
+            "encoded-slash",
+            "double-slash",
         ],
     )
     def test_a_target_the_gateway_refuses_is_explained_as_refused(self, target, status):
@@ -567,7 +577,7 @@ class TestPublish:
         assert set(_files(storages).values()) == expected
 
     def test_a_scratch_copy_that_fails_to_write_fails_the_publish(self):
-        """A failing scratch copy is a 500 that names no location; nothing changes."""
+        """A failing scratch copy is a 500 with every location aborted, unchanged."""
         storages = _storages()
         _seed(storages, b"old")
         inspector = ScratchInspector()
@@ -578,7 +588,11 @@ class TestPublish:
                 "a.csv", _target(), [b"new"], storages, max_size=9, inspector=inspector
             )
 
-        assert "locations" not in caught.value.detail
+        assert caught.value.message.startswith("the copy kept to check the file")
+        assert [o["outcome"] for o in caught.value.detail["locations"]] == [
+            "aborted",
+            "aborted",
+        ]
         assert set(_files(storages).values()) == {b"old"}
         assert _nothing_staged(storages)
         assert not inspector.scratch.staged
