@@ -31,6 +31,12 @@ __all__ = ["SqlStore", "migrations"]
 Row = Mapping[str, Any]
 
 
+def _folder_pattern(project: str) -> str:
+    """A LIKE pattern (escape ``!``) for text holding the project's folder."""
+    escaped = project.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    return f"%filemanager://{escaped}/%"
+
+
 def reaches(credential: Credential, project: str) -> bool:
     """Return whether a key can act in ``project``: its own, or by a gateway
     permission in it or a grant to its File Manager."""
@@ -395,7 +401,6 @@ class SqlStore:
         permission in it or a grant to its File Manager: its admins see
         every key that reaches their services and files.
         """
-        escaped = project.replace("!", "!!").replace("%", "!%").replace("_", "!_")
         rows = self._read(
             "SELECT * FROM keys WHERE project = ?"
             " OR id IN (SELECT key_id FROM permissions WHERE project = ?)"
@@ -403,7 +408,7 @@ class SqlStore:
             " ORDER BY created, id",
             project,
             project,
-            f"%filemanager://{escaped}/%",
+            _folder_pattern(project),
         )
         # LIKE ignores case in SQLite: keep only what truly reaches it.
         return [
@@ -489,22 +494,51 @@ class SqlStore:
                 )
             self._services_changed(db, project)
 
-    def publishes(self, key_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        """Return the latest publish records of a key, newest first."""
-        rows = self._read(
-            "SELECT * FROM publishes WHERE key_id = ? ORDER BY id DESC LIMIT ?",
-            key_id,
-            limit,
-        )
+    def publishes(
+        self, key_id: str, limit: int = 100, project: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Return the latest publish records of a key, newest first.
+
+        With ``project``, only those to its File Manager (a few fewer than
+        ``limit``, at worst, where SQLite's LIKE ignores case).
+        """
+        if project is None:
+            rows = self._read(
+                "SELECT * FROM publishes WHERE key_id = ? ORDER BY id DESC LIMIT ?",
+                key_id,
+                limit,
+            )
+        else:
+            rows = self._read(
+                "SELECT * FROM publishes WHERE key_id = ?"
+                " AND locations LIKE ? ESCAPE '!' ORDER BY id DESC LIMIT ?",
+                key_id,
+                _folder_pattern(project),
+                limit,
+            )
         return [dict(row) | {"locations": json.loads(row["locations"])} for row in rows]
 
-    def forwards(self, key_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        """Return the latest forward records of a key, newest first."""
-        rows = self._read(
-            "SELECT * FROM forwards WHERE key_id = ? ORDER BY id DESC LIMIT ?",
-            key_id,
-            limit,
-        )
+    def forwards(
+        self, key_id: str, limit: int = 100, project: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Return the latest forward records of a key, newest first.
+
+        With ``project``, only the calls into it.
+        """
+        if project is None:
+            rows = self._read(
+                "SELECT * FROM forwards WHERE key_id = ? ORDER BY id DESC LIMIT ?",
+                key_id,
+                limit,
+            )
+        else:
+            rows = self._read(
+                "SELECT * FROM forwards WHERE key_id = ? AND project = ?"
+                " ORDER BY id DESC LIMIT ?",
+                key_id,
+                project,
+                limit,
+            )
         return [dict(row) for row in rows]
 
     def set_expiry(self, key_id: str, expires: float | None) -> None:

@@ -139,7 +139,8 @@ def split_target(target: str) -> tuple[str, str | None]:
 
     The gateway takes a target in origin form (``/path?query``) or in
     absolute form (``http(s)://host[:port]/path?query``); nothing in either
-    is decoded here.
+    is decoded here. Anything else with no scheme (``*``, a path without
+    its leading ``/``) is returned as a path that no route takes.
 
     Returns:
         The percent-encoded path, and the query (``None`` without a ``?``).
@@ -156,7 +157,7 @@ def split_target(target: str) -> tuple[str, str | None]:
         # URL parsers drop tabs and line breaks silently (WHATWG), which
         # would make another target of this one.
         raise InvalidRoute("a request target holds no spaces or control characters")
-    if not target.startswith("/"):
+    if not target.startswith("/") and ":" in target.partition("/")[0]:
         try:
             parts = urlsplit(target)
         except ValueError:

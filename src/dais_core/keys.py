@@ -33,6 +33,7 @@ __all__ = [
     "new_key",
     "parse_token",
     "secret_matches",
+    "shown",
 ]
 
 TOKEN_PREFIX = "dais"
@@ -43,10 +44,14 @@ SESSION_PREFIX = "daisses"
 _WHAT = {ADMIN_PREFIX: "admin token", SESSION_PREFIX: "session"}
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _SECRET_LENGTH = 32
-#: A run shaped like a token with most of its secret: text holding one is
-#: never repeated back, whatever else is around it. The prefix starts a run
-#: of letters and is short, so a search takes time linear in the text.
-_SECRET_LIKE = re.compile(r"(?<![a-z])[a-z]{1,64}_[0-9a-f]{16}_[0-9A-Za-z]{16}")
+#: The id of a token between its underscores: text holding one may hold a
+#: secret (glued to other text, or broken by a space), so it is never
+#: repeated back. A fixed-width run, so a search takes linear time.
+_SECRET_LIKE = re.compile(r"_[0-9a-f]{16}_")
+#: A long run of base62 characters, which a secret mixes the case of (one
+#: of 38 characters without both cases is about one in a billion); hex ids
+#: and ULIDs keep to one case.
+_BASE62_RUN = re.compile(r"[0-9A-Za-z]{24,}")
 _TOKEN = re.compile(
     r"(?P<prefix>[a-z]+)_(?P<id>[0-9a-f]{16})_"
     rf"(?P<secret>[0-9A-Za-z]{{{_SECRET_LENGTH}}})(?P<check>[0-9A-Za-z]{{6}})"
@@ -151,8 +156,22 @@ def key_id_of(text: str, prefix: str = TOKEN_PREFIX) -> str:
 
 
 def holds_secret(text: str) -> bool:
-    """Return whether ``text`` holds something shaped like a key or token."""
-    return _SECRET_LIKE.search(text) is not None
+    """Return whether ``text`` holds something shaped like a key or token.
+
+    That is a token's id between its underscores, or a long run of letters
+    and digits in both cases, like a secret (broken off by a space, say).
+    """
+    if _SECRET_LIKE.search(text) is not None:
+        return True
+    return any(
+        not run.isupper() and not run.islower() and not run.isdigit()
+        for run in _BASE62_RUN.findall(text)
+    )
+
+
+def shown(text: str) -> str:
+    """Return ``text`` quoted for a message, unless it may hold a secret."""
+    return "that value" if holds_secret(text) else repr(text)
 
 
 def secret_matches(secret: str, secret_hash: str) -> bool:

@@ -16,6 +16,7 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 import attrs
 
 from dais_core.errors import InvalidData, InvalidResourceId, InvalidRoute
+from dais_core.keys import shown
 from dais_core.values import KeyRequest
 
 __all__ = [
@@ -165,7 +166,7 @@ def check_methods(methods: Iterable[str]) -> frozenset[str]:
     checked = set()
     for method in methods:
         if not _METHOD.fullmatch(method):
-            raise InvalidData(f"{method!r} is not an HTTP method")
+            raise InvalidData(f"{shown(method)} is not an HTTP method")
         checked.add(method.upper())
     return frozenset(checked)
 

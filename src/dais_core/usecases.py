@@ -31,7 +31,7 @@ from dais_core.gateway import (
     split_target,
     upstream_url,
 )
-from dais_core.keys import parse_token, secret_matches
+from dais_core.keys import parse_token, secret_matches, shown
 from dais_core.policies import (
     Target,
     require_permission,
@@ -189,7 +189,7 @@ def explain(
     if method != method.upper():
         # Methods are case-sensitive (RFC 9110, section 9.1): the server
         # refuses a lower-case one with the request line, before any key.
-        raise InvalidData(f"{method!r} is not an HTTP method the gateway takes")
+        raise InvalidData(f"{shown(method)} is not an HTTP method the gateway takes")
     (method,) = check_methods([method])
     try:
         path, query = split_target(target)

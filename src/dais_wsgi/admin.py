@@ -27,7 +27,7 @@ from dais_core.admin import (
     successor,
 )
 from dais_core.errors import InvalidData, NotFound
-from dais_core.keys import ADMIN_PREFIX, key_id_of, new_key
+from dais_core.keys import ADMIN_PREFIX, holds_secret, key_id_of, new_key
 from dais_core.rules import (
     MAX_LABEL,
     check_grant_locations,
@@ -177,6 +177,9 @@ def _body(req: falcon.Request, cls: type[Any]) -> Any:
             if isinstance(exc, cattrs.BaseValidationError)
             else str(exc)
         )
+        if holds_secret(notes):
+            # A field named, or valued, with a key: not repeated back.
+            notes = "a field or value is not what it should be"
         raise InvalidData(f"the body does not fit: {notes}") from None
 
 

@@ -79,8 +79,12 @@ READ_SIZE = 256 * 1024
 #: A multipart boundary's characters (RFC 2046, section 5.1.1); the last is
 #: not a space.
 _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]*[0-9A-Za-z'()+_,./:=?-]")
-#: Those of them a boundary may hold unquoted (RFC 2045, section 5.1).
-_TOKEN_BOUNDARY = re.compile(r"[0-9A-Za-z'+_.-]+")
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t -~])*"'
+_PARAMETER = rf"[ \t]*;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))?"
+#: A multipart/form-data media type and its parameters, each a token or a
+#: quoted string (RFC 9110, sections 5.6 and 8.3.1).
+_FORM_DATA = re.compile(rf"(?i)multipart/form-data(?:{_PARAMETER})*[ \t]*")
 
 
 def _parameter_names(content_type: str) -> list[str]:
@@ -456,11 +460,10 @@ class UploadSink:
             raise InvalidData("the multipart boundary is missing or too long")
         if not _BOUNDARY.fullmatch(boundary):
             raise InvalidData("the multipart boundary has characters it cannot have")
-        if not _TOKEN_BOUNDARY.fullmatch(boundary) and not re.search(
-            rf'(?i)boundary\s*=\s*"{re.escape(boundary)}"', content_type
-        ):
-            # Unquoted, a ',' or ' ' would end the value for another parser.
-            raise InvalidData("a multipart boundary with such characters is quoted")
+        if not _FORM_DATA.fullmatch(content_type):
+            # Parsers part a value that breaks the grammar in different
+            # places (an unquoted ',' or space): each would see another body.
+            raise InvalidData("the Content-Type is not well-formed (RFC 9110, 8.3)")
         if _parameter_names(content_type).count("boundary") > 1:
             # Parsers keep one or the other: each would see another body.
             raise InvalidData("the Content-Type names more than one boundary")

@@ -311,8 +311,11 @@ class ApiKeysPage:
 
     def _item(self, credential: Any, project: str) -> dict[str, Any]:
         key_id = credential.key.id
-        publishes = self.store.publishes(key_id, _RECENT)
-        forwards = self.store.forwards(key_id, _RECENT)
+        # Another project's key: its latest records here, not its latest
+        # anywhere (those would push these off, and tell of its traffic).
+        here = None if credential.key.project == project else project
+        publishes = self.store.publishes(key_id, _RECENT, here)
+        forwards = self.store.forwards(key_id, _RECENT, here)
         for record in (*publishes, *forwards):
             record["at"] = iso(record["at"])
             record.pop("id", None)

@@ -18,6 +18,7 @@ from typing import Any
 import falcon
 
 from dais_core.errors import InvalidData, TooLarge, UnsupportedType
+from dais_core.keys import shown
 
 __all__ = ["MAX_SMALL_BODY", "read_media", "strict_json"]
 
@@ -96,7 +97,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     document: dict[str, Any] = {}
     for key, value in pairs:
         if key in document:
-            raise InvalidData(f"the body names the key {key!r} twice in one object")
+            raise InvalidData(
+                f"the body names the key {shown(key)} twice in one object"
+            )
         document[key] = value
     return document
 

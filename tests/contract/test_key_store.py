@@ -213,6 +213,36 @@ class TestRecords:
         )
         assert [r["request_id"] for r in store.forwards(key.id)] == ["r3", "r2"]
 
+    def test_the_latest_records_in_one_project_are_found_past_others(self, store):
+        """Many records elsewhere push none of one project's off its list."""
+        key, _ = a_key("q1")
+        store.add_key(key)
+        here_publish = PublishRecord(
+            key.id,
+            "x",
+            1,
+            "ab",
+            ("s3://b/x", "filemanager://p_1/x"),
+            "published",
+            0.1,
+            "here",
+            1.0,
+        )
+        here_forward = ForwardRecord(
+            key.id, "p_1", "svc", 1, "POST", "/a", 202, 0.0, 0, "here", 1.0
+        )
+        elsewhere = [
+            ForwardRecord(key.id, "q1", "svc", 1, "POST", "/b", 202, 0.0, 0, "q", 2.0)
+            for _ in range(25)
+        ]
+        look_alike = PublishRecord(
+            key.id, "y", 1, "ab", ("filemanager://pX1/y",), "published", 0.1, "q", 2.0
+        )
+        store.record_batch([here_publish, look_alike], [here_forward, *elsewhere])
+        assert [r["request_id"] for r in store.forwards(key.id, 20, "p_1")] == ["here"]
+        assert [r["request_id"] for r in store.publishes(key.id, 20, "p_1")] == ["here"]
+        assert len(store.forwards(key.id, 20)) == 20
+
     def test_the_recorder_writes_in_the_background(self, store):
         """Queued records reach the store without an explicit flush."""
         key, _ = a_key()

@@ -214,6 +214,29 @@ class TestKeyLifecycle:
         audit = platform.call("GET", "/admin/v1/audit").data.decode()
         assert secret not in audit
 
+    def test_a_key_in_a_body_is_never_repeated_back(self, platform):
+        """As a method, a field's name or a duplicate name: refused unrepeated."""
+        created = create_key(platform)
+        key, secret = created["key"], created["key"].split("_")[2][:32]
+        explain = {"key_id": created["id"], "method": key, "url": "/x"}
+        bodies = [
+            ("/admin/v1/explain", json.dumps(explain).encode()),
+            ("/admin/v1/keys", json.dumps({"project": "p1", key: 1}).encode()),
+            ("/admin/v1/keys", b'{"%s": 1, "%s": 2}' % (key.encode(), key.encode())),
+        ]
+        for path, body in bodies:
+            answer = platform.http.request(
+                "POST",
+                platform.gateway.url + path,
+                body=body,
+                headers={
+                    "Authorization": f"Bearer {platform.token}",
+                    "Content-Type": "application/json",
+                },
+            )
+            assert answer.status == 400, (path, answer.data)
+            assert secret not in answer.data.decode(), path
+
     def test_grants_permissions_and_revocation_take_effect(self, platform, gateway):
         """A granted key publishes; once revoked it is refused at once."""
         created = create_key(platform)

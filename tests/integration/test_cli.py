@@ -957,7 +957,10 @@ class TestWorkers:
         assert parent.stdout is not None
         line = parent.stdout.readline()
         workers = wait_for_children(parent.pid, 2)
+        for pid in workers:  # both running their server, past their start
+            wait_for_state(pid, "S")
         os.kill(workers[0], signal.SIGSTOP)
+        wait_for_state(workers[0], "T")
         parent.send_signal(signal.SIGTERM)
         try:
             status = parent.wait(timeout=30)
@@ -1063,6 +1066,18 @@ def cpu_list(text: str) -> set[int]:
         first, _, last = part.partition("-")
         cpus.update(range(int(first), int(last or first) + 1))
     return cpus
+
+
+def wait_for_state(pid: int, state: str) -> None:
+    """Wait up to 10 s until process ``pid`` is in ``state`` (``S``, ``T``...)
+    and has been for a moment: a worker still starting keeps busy."""
+    deadline = time.monotonic() + 10
+    steady = 0
+    while steady < 3:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        steady = steady + 1 if stat.rpartition(")")[2].split()[0] == state else 0
+        assert time.monotonic() < deadline, f"{pid} never stayed in state {state}"
+        time.sleep(0.1)
 
 
 def wait_for_children(pid: int, count: int) -> list[int]:

@@ -255,6 +255,11 @@ class TestMultipart:
                 b'filename="f"\r\n\r\nx\r\n--abc, boundary=def--\r\n',
             ),
             (
+                'multipart/form-data; boundary=a b; xboundary="a b"',
+                b'--a b\r\nContent-Disposition: form-data; name="data"; filename="f"'
+                b"\r\n\r\nx\r\n--a b--\r\n",
+            ),
+            (
                 "multipart/form-data; boundary=yy; boundary=zz",
                 b'--zz\r\nContent-Disposition: form-data; name="data"; filename="f"'
                 b"\r\n\r\nx\r\n--zz--\r\n",
@@ -304,6 +309,7 @@ class TestMultipart:
             "boundary-odd-character",
             "boundary-ending-in-a-space",
             "unquoted-comma",
+            "quoted-elsewhere",
             "two-boundaries",
             "no-parts",
             "truncated",

@@ -175,13 +175,14 @@ class TestValidRequestId:
         """Missing, empty, long or unusual ids are replaced by the gateway."""
         assert not valid_request_id(value)
 
-    @pytest.mark.parametrize("extra", ["", ".", "x:"], ids=["whole", "dot", "prefix"])
+    @pytest.mark.parametrize(
+        "extra", ["", ".", "x:", "a" * 70], ids=["whole", "dot", "prefix", "letters"]
+    )
     def test_refuses_an_id_holding_a_key(self, extra):
         """A key sent as a request id would be logged and forwarded: it is not kept."""
         token = new_key().token
-        assert not valid_request_id(
-            extra + token if extra.endswith(":") else token + extra
-        )
+        glued = extra + token if extra.endswith((":", "a")) else token + extra
+        assert not valid_request_id(glued)
 
 
 class TestUpstreamHeaders:

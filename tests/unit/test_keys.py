@@ -16,6 +16,7 @@ from dais_core.keys import (
     ADMIN_PREFIX,
     TOKEN_PREFIX,
     hash_secret,
+    holds_secret,
     key_id_of,
     new_key,
     parse_token,
@@ -198,11 +199,48 @@ class TestKeyIdOf:
             TOKEN + "x",
             TOKEN[:-1],
             "no key " + TOKEN,
+            "a" * 70 + TOKEN,
+            TOKEN[:30] + " " + TOKEN[30:],
+            TOKEN[:12] + "\n" + TOKEN[12:],
         ],
-        ids=["bad-checksum", "admin-token", "one-more", "one-less", "in-a-sentence"],
+        ids=[
+            "bad-checksum",
+            "admin-token",
+            "one-more",
+            "one-less",
+            "in-a-sentence",
+            "glued-to-letters",
+            "secret-broken",
+            "id-broken",
+        ],
     )
     def test_a_secret_that_is_no_api_key_is_refused_unrepeated(self, text):
         """A damaged key or an admin token is refused without being repeated."""
         with pytest.raises(InvalidData) as caught:
             key_id_of(text)
         assert text.split("_")[2][:32] not in str(caught.value.body())
+
+
+class TestHoldsSecret:
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "0123456789abcdef",
+            "9f1c2e3d4b5a69788796a5b4c3d2e1f0",
+            "01HGW2XQ7Z8YABCDEFGHJKMNPQ",
+            "req-1",
+        ],
+        ids=["key-id", "uuid-hex", "ulid", "short"],
+    )
+    def test_ids_of_one_case_are_no_secrets(self, text):
+        """Hex ids, uuids and ULIDs may be repeated back."""
+        assert not holds_secret(text)
+
+    @pytest.mark.parametrize(
+        "text",
+        [TOKEN, "x" * 100 + TOKEN, TOKEN[:30] + " " + TOKEN[30:], TOKEN[25:]],
+        ids=["whole", "glued", "broken", "secret-alone"],
+    )
+    def test_a_token_or_its_secret_is_found_anywhere(self, text):
+        """A whole token, or most of a secret, counts wherever it is."""
+        assert holds_secret(text)
