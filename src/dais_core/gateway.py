@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 
 from dais_core.errors import InvalidData, InvalidRoute, UpstreamUnreachable
-from dais_core.keys import holds_secret
+from dais_core.keys import holds_token
 from dais_core.rules import check_name, normalise_route
 
 __all__ = [
@@ -259,13 +259,14 @@ def valid_host(value: str) -> bool:
 def valid_request_id(value: str | None) -> bool:
     """Return whether a caller's request id is safe to keep.
 
-    One of the form of a key or token is not: request ids are logged,
-    forwarded and shown to project admins.
+    One holding a key or token is not: request ids are logged, forwarded
+    and shown to project admins. (Random ids of mixed case, KSUIDs say, are
+    kept: only a token's id between its underscores marks one.)
     """
     return (
         value is not None
         and _REQUEST_ID.fullmatch(value) is not None
-        and not holds_secret(value)
+        and not holds_token(value)
     )
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "NewKey",
     "hash_secret",
     "holds_secret",
+    "holds_token",
     "key_id_of",
     "new_key",
     "parse_token",
@@ -155,13 +156,18 @@ def key_id_of(text: str, prefix: str = TOKEN_PREFIX) -> str:
         raise InvalidData(f"that is no id, nor a well-formed {what}") from None
 
 
+def holds_token(text: str) -> bool:
+    """Return whether ``text`` holds a token's id between its underscores."""
+    return _SECRET_LIKE.search(text) is not None
+
+
 def holds_secret(text: str) -> bool:
     """Return whether ``text`` holds something shaped like a key or token.
 
     That is a token's id between its underscores, or a long run of letters
     and digits in both cases, like a secret (broken off by a space, say).
     """
-    if _SECRET_LIKE.search(text) is not None:
+    if holds_token(text):
         return True
     return any(
         not run.isupper() and not run.islower() and not run.isdigit()

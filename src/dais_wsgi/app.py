@@ -45,6 +45,7 @@ from dais_core.gateway import (
     upstream_headers,
     valid_request_id,
 )
+from dais_core.keys import shown
 from dais_core.policies import Decision, RatePolicy, Target, Throttler, map_resource
 from dais_core.ports import ForwardRequest
 from dais_core.rules import resource_id_from_target
@@ -320,10 +321,15 @@ def _file_chunks(form: MultipartForm) -> Iterator[bytes]:
                     raise InvalidData("the 'data' field must be a file")
                 continue
             if part.name != "data":
-                raise InvalidData(f"unexpected file field {part.name!r}; use 'data'")
+                raise InvalidData(
+                    f"unexpected file field {shown(part.name or '')}; use 'data'"
+                )
             if seen:
                 raise InvalidData("send exactly one file per request")
-            if "/" in part.filename or "\\" in part.filename:
+            if "/" in part.filename:
+                # A folder's files come as "folder/name"; a Windows path
+                # ("C:\\dir\\name", from older browsers) is one file, and the
+                # name is not used anyway.
                 raise InvalidData("directory uploads are not supported")
             seen = True
             stream = part.stream

@@ -206,6 +206,19 @@ class TestMultipart:
         assert response.status == 200, response.data
         assert (gateway.filemanager / "p1/x").read_bytes() == b"abc"
 
+    def test_a_windows_path_as_the_file_name_is_one_file(self, gateway):
+        """A Windows path as the file name is one file: published, name unused."""
+        _, token = gateway.make_key(grants=(("x", ("filemanager://p1/x",), BINARY),))
+        body = (
+            b'--zz\r\nContent-Disposition: form-data; name="data"; '
+            b'filename="C:\\Users\\me\\x.csv"\r\n\r\nabc\r\n--zz--\r\n'
+        )
+        response = raw_post(
+            gateway, token, "x", body, "multipart/form-data; boundary=zz"
+        )
+        assert response.status == 200, response.data
+        assert (gateway.filemanager / "p1/x").read_bytes() == b"abc"
+
     def test_two_content_types_are_400(self, gateway):
         """Two Content-Type lines: the body cannot be read one way; 400."""
         _, token = gateway.make_key(grants=(("x", ("filemanager://p1/x",), BINARY),))

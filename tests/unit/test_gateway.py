@@ -165,9 +165,20 @@ class TestRelayableStatus:
 
 
 class TestValidRequestId:
-    @pytest.mark.parametrize("value", ["req-1", "a.b:c_d", "x" * 128])
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "req-1",
+            "a.b:c_d",
+            "x" * 128,
+            "123e4567-e89b-12d3-a456-426614174000",
+            "01HGW2XQ7Z8YABCDEFGHJKMNPQ",
+            "0ujsswThIGTUYm2K8FjOOfXtY1K",
+        ],
+        ids=["short", "punctuation", "longest", "uuid", "ulid", "ksuid"],
+    )
     def test_accepts_safe_ids(self, value):
-        """Short ids of letters, digits and '._:-' are kept."""
+        """Ids of letters, digits and '._:-' are kept, random ones of any case too."""
         assert valid_request_id(value)
 
     @pytest.mark.parametrize("value", [None, "", "x" * 129, "a b", "a\nb", "ü", "a/b"])
