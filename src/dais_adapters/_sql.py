@@ -14,6 +14,7 @@ from typing import Any
 
 from dais_core.admin import AdminSession, AdminToken, AuditRecord, Role
 from dais_core.errors import NotFound
+from dais_core.policies import reaches
 from dais_core.values import (
     ApiKey,
     Credential,
@@ -35,21 +36,6 @@ def _folder_pattern(project: str) -> str:
     """A LIKE pattern (escape ``!``) for text holding the project's folder."""
     escaped = project.replace("!", "!!").replace("%", "!%").replace("_", "!_")
     return f"%filemanager://{escaped}/%"
-
-
-def reaches(credential: Credential, project: str) -> bool:
-    """Return whether a key can act in ``project``: its own, or by a gateway
-    permission in it or a grant to its File Manager."""
-    folder = f"filemanager://{project}/"
-    return (
-        credential.key.project == project
-        or any(p.project == project for p in credential.permissions)
-        or any(
-            location.startswith(folder)
-            for grant in credential.grants
-            for location in grant.locations
-        )
-    )
 
 
 def _methods(text: str) -> frozenset[str]:
@@ -502,20 +488,15 @@ class SqlStore:
         With ``project``, only those to its File Manager (a few fewer than
         ``limit``, at worst, where SQLite's LIKE ignores case).
         """
-        if project is None:
-            rows = self._read(
-                "SELECT * FROM publishes WHERE key_id = ? ORDER BY id DESC LIMIT ?",
-                key_id,
-                limit,
-            )
-        else:
-            rows = self._read(
-                "SELECT * FROM publishes WHERE key_id = ?"
-                " AND locations LIKE ? ESCAPE '!' ORDER BY id DESC LIMIT ?",
-                key_id,
-                _folder_pattern(project),
-                limit,
-            )
+        where, args = "key_id = ?", [key_id]
+        if project is not None:
+            where += " AND locations LIKE ? ESCAPE '!'"
+            args.append(_folder_pattern(project))
+        rows = self._read(
+            f"SELECT * FROM publishes WHERE {where} ORDER BY id DESC LIMIT ?",
+            *args,
+            limit,
+        )
         return [dict(row) | {"locations": json.loads(row["locations"])} for row in rows]
 
     def forwards(
@@ -525,20 +506,15 @@ class SqlStore:
 
         With ``project``, only the calls into it.
         """
-        if project is None:
-            rows = self._read(
-                "SELECT * FROM forwards WHERE key_id = ? ORDER BY id DESC LIMIT ?",
-                key_id,
-                limit,
-            )
-        else:
-            rows = self._read(
-                "SELECT * FROM forwards WHERE key_id = ? AND project = ?"
-                " ORDER BY id DESC LIMIT ?",
-                key_id,
-                project,
-                limit,
-            )
+        where, args = "key_id = ?", [key_id]
+        if project is not None:
+            where += " AND project = ?"
+            args.append(project)
+        rows = self._read(
+            f"SELECT * FROM forwards WHERE {where} ORDER BY id DESC LIMIT ?",
+            *args,
+            limit,
+        )
         return [dict(row) for row in rows]
 
     def set_expiry(self, key_id: str, expires: float | None) -> None:

@@ -42,8 +42,10 @@ from dais_core.policies import (
     Target,
     Throttler,
     gcra,
+    in_project_folder,
     map_resource,
     match_permission,
+    reaches,
     resolve_endpoint,
 )
 from dais_core.ports import (
@@ -155,8 +157,10 @@ __all__ = [
     "Throttler",
     "check_for",
     "gcra",
+    "in_project_folder",
     "map_resource",
     "match_permission",
+    "reaches",
     "resolve_endpoint",
     # ports
     "Clock",

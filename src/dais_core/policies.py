@@ -23,7 +23,7 @@ from dais_core.errors import (
 )
 from dais_core.ports import Clock, CommitLocks, ThrottleState
 from dais_core.rules import Location, is_under, parse_location
-from dais_core.values import Grant, Permission, ServiceEndpoint
+from dais_core.values import Credential, Grant, Permission, ServiceEndpoint
 
 __all__ = [
     "ChainedLocks",
@@ -35,10 +35,34 @@ __all__ = [
     "Target",
     "Throttler",
     "gcra",
+    "in_project_folder",
     "map_resource",
     "match_permission",
+    "reaches",
     "resolve_endpoint",
 ]
+
+
+def in_project_folder(location: str, project: str) -> bool:
+    """Return whether a location URI lies in ``project``'s File Manager."""
+    return location.startswith(f"filemanager://{project}/")
+
+
+def reaches(credential: Credential, project: str) -> bool:
+    """Return whether a key can act in ``project``.
+
+    It can when it is the project's own key, or holds a gateway permission
+    in it or a grant to its File Manager.
+    """
+    return (
+        credential.key.project == project
+        or any(p.project == project for p in credential.permissions)
+        or any(
+            in_project_folder(location, project)
+            for grant in credential.grants
+            for location in grant.locations
+        )
+    )
 
 
 def match_permission(

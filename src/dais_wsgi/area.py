@@ -26,6 +26,7 @@ from dais_core.admin import (
 )
 from dais_core.errors import Forbidden, InvalidData, Unauthenticated
 from dais_core.keys import SESSION_PREFIX, new_key
+from dais_core.policies import in_project_folder
 from dais_wsgi.bodies import read_media
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.present import credential_json, iso
@@ -333,10 +334,9 @@ def _within(item: dict[str, Any], project: str) -> dict[str, Any]:
     may do, or did, in its own project: other locations of its grants and
     records, and when it was last used (perhaps elsewhere), are left out.
     """
-    folder = f"filemanager://{project}/"
 
     def here(entry: dict[str, Any]) -> dict[str, Any] | None:
-        kept = [at for at in entry["locations"] if at.startswith(folder)]
+        kept = [at for at in entry["locations"] if in_project_folder(at, project)]
         return entry | {"locations": kept} if kept else None
 
     def only_here(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -349,12 +349,12 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
     def parse_header(self, header_plus: bytes) -> None:
         """Parse the head; note whether the body streams; refuse bad framing.
 
-        Refused: a request framed two ways at once, a body chunked twice, two
-        ``Content-Type`` lines, a control character in an absolute target, an
-        HTTP/1.0 request with a ``Transfer-Encoding``, an unreadable ``Content-Length``, an HTTP/1.1
-        request with no ``Host``, a ``Host`` that is not one host[:port], and
-        a target in absolute form that is not ``http`` or ``https`` with such
-        a host.
+        Refused: a request framed two ways at once, a body chunked twice, an
+        HTTP/1.0 request with a ``Transfer-Encoding``, an unreadable
+        ``Content-Length``, two ``Content-Type`` lines, a ``#`` in the target
+        or a control character in an absolute one, an HTTP/1.1 request with
+        no ``Host``, a ``Host`` that is not one host[:port], and a target in
+        absolute form that is not ``http`` or ``https`` with such a host.
         An absolute target's host is the request's host (RFC 9112, section
         3.3), whatever ``Host`` says.
         """
@@ -364,6 +364,15 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
             # int() refuses a Content-Length of thousands of digits.
             self.connection_close = True
             raise ParsingError("Content-Length is invalid") from None
+        self._check_framing(header_plus)
+        self.streamed = str(self.path).startswith(STREAMED_PATHS)
+        if not self.streamed:
+            self.adj = _small_bodies(self.adj, bool(self.chunked))
+        self._check_target(header_plus)
+        self._check_host()
+
+    def _check_framing(self, header_plus: bytes) -> None:
+        """Refuse a body whose length two parsers could read differently."""
         if self.chunked and "CONTENT_LENGTH" in self.headers:
             self.connection_close = True
             raise ParsingError("both Content-Length and Transfer-Encoding were sent")
@@ -380,9 +389,9 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
             raise ParsingError(
                 f"an HTTP/{self.version} request cannot have a Transfer-Encoding"
             )
-        self.streamed = str(self.path).startswith(STREAMED_PATHS)
-        if not self.streamed:
-            self.adj = _small_bodies(self.adj, bool(self.chunked))
+
+    def _check_target(self, header_plus: bytes) -> None:
+        """Refuse a target, or a Content-Type, that parsers read two ways."""
         if "#" in self.request_uri:
             # A request target has no fragment (RFC 9112, 3.2); parsers cut
             # one off at different places, and a query may hide behind it.
@@ -397,6 +406,9 @@ class StreamingParser(HTTPRequestParser):  # type: ignore[misc]
             # Joined into one by waitress: parsers that keep the first line
             # or read the joined value would see different bodies.
             raise ParsingError("a request has one Content-Type")
+
+    def _check_host(self) -> None:
+        """Take an absolute target's host as the host; refuse a bad one."""
         if self.proxy_scheme or self.proxy_netloc:
             authority = str(self.proxy_netloc)
             if str(self.proxy_scheme).lower() not in {"http", "https"} or not (

@@ -109,12 +109,7 @@ def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
         )
     if settings.cpu_affinity not in {"auto", "off"}:
         raise InvalidData("with --workers, --cpu-affinity is auto or off")
-    try:
-        listener = socket.create_server((settings.host, settings.port), backlog=1024)
-    except OSError as exc:
-        raise InvalidData(
-            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
-        ) from exc
+    listener = _listen(settings)
     fd = listener.fileno()
 
     def start(index: int) -> subprocess.Popen[bytes]:
@@ -156,6 +151,20 @@ def serve_workers(settings: Settings, argv: Sequence[str], workers: int) -> int:
     if failed is not None:
         return failed
     return max(_exit_status(child.returncode, bool(stopped)) for child in children)
+
+
+def _listen(settings: Settings) -> socket.socket:
+    """Bind the socket every worker accepts from.
+
+    Raises:
+        InvalidData: The address is taken or cannot be had.
+    """
+    try:
+        return socket.create_server((settings.host, settings.port), backlog=1024)
+    except OSError as exc:
+        raise InvalidData(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
+        ) from exc
 
 
 def _supervise(

@@ -29,12 +29,20 @@ from dais_core.policies import (
     gcra,
     map_resource,
     match_permission,
+    reaches,
     require_permission,
     resolve_endpoint,
 )
 from dais_core.rules import Location, parse_location
 from dais_core.testing import FakeClock, MemoryThrottleState
-from dais_core.values import DataType, Grant, Permission, ServiceEndpoint
+from dais_core.values import (
+    ApiKey,
+    Credential,
+    DataType,
+    Grant,
+    Permission,
+    ServiceEndpoint,
+)
 from tests import strategies
 
 WEBHOOK = Permission("p1", "svc", "/api/webhook")
@@ -529,3 +537,24 @@ class TestConcurrencyCap:
         cap.acquire("k1")
         with pytest.raises(Throttled):
             cap.acquire("k1")
+
+
+class TestReaches:
+    """A key reaches its own project, and those it has permissions or folders in."""
+
+    @pytest.mark.parametrize(
+        ("permissions", "grants", "expected"),
+        [
+            ((), (), False),
+            ((Permission("q_1", "svc", "/"),), (), True),
+            ((), (Grant("x", ("s3://b/x", "filemanager://q_1/x")),), True),
+            ((), (Grant("x", ("filemanager://Q_1/x", "filemanager://q_1x/y")),), False),
+        ],
+        ids=["nothing", "permission", "grant", "look-alikes"],
+    )
+    def test_another_projects_key(self, permissions, grants, expected):
+        """Only a permission in it or a location in its File Manager counts."""
+        key = ApiKey("k1", "hash", "p2")
+        credential = Credential(key, permissions, grants)
+        assert reaches(credential, "q_1") is expected
+        assert reaches(credential, "p2")
