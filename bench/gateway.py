@@ -290,6 +290,7 @@ def start_gateway(
     upstream: int,
     workers: int = 1,
     cpu_affinity: str = "auto",
+    lane: bool = True,
 ) -> tuple[int, str]:
     """Set up a key, a permission and a service, then serve; return port, key."""
     made = json.loads(
@@ -327,6 +328,8 @@ def start_gateway(
     # One key drives every connection: lift the per-key cap on calls in flight.
     argv += ["serve", "--host", HOST, "--port", "0", "--gateway-in-flight", "0"]
     argv += ["--cpu-affinity", cpu_affinity]
+    if not lane:
+        argv += ["--no-gateway-lane"]
     if workers > 1:
         # Several processes share one throttle in Redis (127.0.0.1:6379).
         argv += ["--workers", str(workers), "--throttle", "redis://127.0.0.1:6379/0"]
@@ -663,7 +666,12 @@ def http_part(
     )
     upstream = start_upstream(procs, load.status)
     gateway, token = start_gateway(
-        procs, workdir / "gateway", upstream, args.gateway_workers, args.cpu_affinity
+        procs,
+        workdir / "gateway",
+        upstream,
+        args.gateway_workers,
+        args.cpu_affinity,
+        lane=not args.no_gateway_lane,
     )
     targets = [("direct", upstream, ROUTE), ("gateway", gateway, GATEWAY_PATH)]
     nginx_note = "not run (--no-nginx)"
@@ -693,6 +701,7 @@ def http_part(
     print(
         f"gateway: {args.gateway_workers} process(es), "
         f"--cpu-affinity {args.cpu_affinity}"
+        + (", --no-gateway-lane" if args.no_gateway_lane else "")
     )
     print(f"nginx: {nginx_note}")
     if load.status == 204:
@@ -1171,6 +1180,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--cpu-affinity",
         default="auto",
         help="serve --cpu-affinity for the gateway: auto (default) or off",
+    )
+    parser.add_argument(
+        "--no-gateway-lane",
+        action="store_true",
+        help="serve --no-gateway-lane: every call forwarded from a worker thread",
     )
     parser.add_argument(
         "--decisions",

@@ -112,6 +112,21 @@ class CachedKeyStore:
                 self._entries.popitem(last=False)
         return found
 
+    def cached(self, key_id: str) -> tuple[Credential | None] | None:
+        """Return ``(credential,)`` if memory holds a fresh answer, else ``None``.
+
+        The credential is ``None`` for a key the store did not know. The
+        store is never read: callers that must not wait use this.
+        """
+        now = self.clock()
+        with self._lock:
+            entry = self._entries.get(key_id)
+            if entry is None or entry[0] <= now:
+                return None
+            self._entries.move_to_end(key_id)
+            self.stats.hits += 1
+            return (entry[1],)
+
     def invalidate(self, key_id: str) -> None:
         """Forget one key (it changed somewhere); the store is told ids only."""
         with self._lock:
@@ -175,6 +190,17 @@ class CachedRegistry:
         with self._lock:
             self._entries[project] = (now + ttl, found)
         return found
+
+    def cached(self, project: str) -> Sequence[ServiceEndpoint] | None:
+        """Return a project's endpoints if memory holds them fresh, else ``None``.
+
+        The registry is never read: callers that must not wait use this.
+        """
+        with self._lock:
+            entry = self._entries.get(project)
+        if entry is None or entry[0] <= self.clock():
+            return None
+        return entry[1]
 
     def invalidate(self, project: str) -> None:
         """Forget one project's endpoints."""

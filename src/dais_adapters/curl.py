@@ -18,6 +18,12 @@ goes on a new connection. libcurl makes the same check at most once a
 second per connection, so without ours a POST after an upstream's short
 idle timeout would go on a dead connection, and could not be sent again.
 
+:class:`CurlLoop` makes the same calls without a thread: libcurl's multi
+interface, driven by the event loop that reads the callers' requests (see
+:mod:`dais_wsgi.lane`). It takes bodies already in hand, and keeps each
+pooled connection in a multi handle of its own, so that it can look at an
+idle connection as the handles here do.
+
 A body of known length up to 64 KiB (nearly every webhook call) is read
 whole before the call and handed to libcurl at once: libcurl then needs no
 Python callback to send it, or to send it again on a fresh connection, and
@@ -43,6 +49,8 @@ import math
 import re
 import select
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,7 +65,7 @@ from dais_core.errors import (
 )
 from dais_core.ports import ForwardRequest, Readable
 
-__all__ = ["CurlForwarder"]
+__all__ = ["CurlForwarder", "CurlLoop", "Outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +236,6 @@ class CurlForwarder:
             collections.OrderedDict()
         )
         self._lock = threading.Lock()
-        self._stall = max(1, math.ceil(options.read_timeout))
 
     def forward(self, request: ForwardRequest) -> int:
         """Send ``request`` upstream and return the status.
@@ -269,7 +276,7 @@ class CurlForwarder:
             with self._lock:
                 handle = self._take_idle(upstream)
             if handle is None:
-                return self._new_handle()
+                return _new_handle(self.options)
             if _reusable(handle):
                 return handle
             handle.close()
@@ -294,27 +301,6 @@ class CurlForwarder:
         for extra in evicted:
             extra.close()
 
-    def _new_handle(self) -> pycurl.Curl:
-        options = self.options
-        handle = pycurl.Curl()
-        settings: dict[int, Any] = {
-            pycurl.NOSIGNAL: 1,
-            # Only what the registry names: no proxy from the environment,
-            # no other protocol, no redirect, and the path exactly as checked.
-            pycurl.PROXY: "",
-            pycurl.PROTOCOLS: pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS,
-            pycurl.FOLLOWLOCATION: 0,
-            pycurl.PATH_AS_IS: 1,
-            # One connection per handle: the one _reusable() looks at.
-            pycurl.MAXCONNECTS: 1,
-            pycurl.CONNECTTIMEOUT_MS: _ms(options.connect_timeout),
-            pycurl.LOW_SPEED_LIMIT: 1,
-            pycurl.LOW_SPEED_TIME: self._stall,
-        }
-        for option, value in settings.items():
-            handle.setopt(option, value)
-        return handle
-
     def _prepare(
         self,
         handle: pycurl.Curl,
@@ -322,36 +308,7 @@ class CurlForwarder:
         exchange: _Exchange,
         whole: bytes | None,
     ) -> None:
-        options = self.options
-        limit = options.connect_timeout + options.read_timeout
-        sends = request.body is not None and not exchange.head and whole is None
-        handle.setopt(pycurl.URL, request.url)
-        handle.setopt(pycurl.HTTPHEADER, _header_lines(request))
-        handle.setopt(pycurl.HEADERFUNCTION, exchange.header)
-        handle.setopt(pycurl.WRITEFUNCTION, exchange.write)
-        # A handle remembers its last call: UPLOAD first, since it resets the
-        # method (to GET, where a body given whole earlier is not sent), then
-        # NOBODY (HEAD waits for no body), the whole body, then the verb.
-        handle.setopt(pycurl.UPLOAD, 1 if sends else 0)
-        handle.setopt(pycurl.NOBODY, 1 if exchange.head else 0)
-        if whole is not None:
-            handle.setopt(pycurl.POSTFIELDSIZE_LARGE, len(whole))
-            handle.setopt(pycurl.POSTFIELDS, whole)
-        handle.setopt(pycurl.CUSTOMREQUEST, request.method)
-        # An upstream may send a body after a HEAD answer anyway; those bytes
-        # would be read as the next call's answer, so the connection goes.
-        handle.setopt(pycurl.FORBID_REUSE, 1 if exchange.head else 0)
-        resendable = exchange.sent is not None
-        handle.setopt(pycurl.PREREQFUNCTION, None if resendable else exchange.once)
-        if not sends:
-            handle.setopt(pycurl.TIMEOUT_MS, _ms(limit))
-            return
-        handle.setopt(pycurl.SEEKFUNCTION, exchange.seek)
-        handle.setopt(pycurl.READFUNCTION, exchange.read)
-        # -1 (no length) makes libcurl send the body chunked.
-        length = request.content_length
-        handle.setopt(pycurl.INFILESIZE_LARGE, -1 if length is None else length)
-        handle.setopt(pycurl.TIMEOUT_MS, _ms(limit + options.body_timeout))
+        _prepare(handle, self.options, request, exchange, whole)
 
     def _perform(self, handle: pycurl.Curl, exchange: _Exchange) -> None:
         try:
@@ -360,26 +317,300 @@ class CurlForwarder:
             error: pycurl.error | None = exc
         else:
             error = None
-        failure = exchange.failure
-        if failure is not None:
-            # Reading the caller's body failed: that is the error to report.
-            if isinstance(failure, DaisError):
-                raise failure
-            raise UpstreamUnreachable(
-                "the caller's body could not be sent upstream"
-            ) from failure
-        if error is None or exchange.answered:
-            # Done, or the answer's head was whole and only its body, which
-            # nobody reads, was cut off or failed.
-            if not exchange.answered:
-                raise UpstreamUnreachable("the upstream service sent no answer")
-            return
-        code = error.args[0]
-        if code in _TIMED_OUT:
-            raise UpstreamTimeout(
-                "the upstream service did not answer in time"
-            ) from error
-        raise UpstreamUnreachable(_unreachable(code)) from error
+        _settle(exchange, error)
+
+
+#: What a call's callback is given: the upstream's status, or why it failed.
+Outcome = int | DaisError
+
+
+class _Slot:
+    """One pooled connection: a libcurl handle in a multi handle of its own.
+
+    A multi handle keeps its connections for every handle it runs; one per
+    connection keeps each connection with one handle, as a handle of
+    :class:`CurlForwarder` keeps its own, so the loop can look at an idle
+    connection's socket before reusing it.
+    """
+
+    def __init__(
+        self, options: ForwarderOptions, watch: Callable[[int, int, _Slot], None]
+    ) -> None:
+        self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._socket)
+        self.multi.setopt(pycurl.M_TIMERFUNCTION, self._timer)
+        self.multi.setopt(pycurl.M_MAXCONNECTS, 1)
+        self.handle = _new_handle(options)
+        self.deadline: float | None = None
+        #: The idle connection's socket, from the end of the last call.
+        self.kept = -1
+        self.call: tuple[_Exchange, Callable[[Outcome], None]] | None = None
+        #: The sockets libcurl asked the loop to watch for this slot.
+        self.watched: set[int] = set()
+        self._watch = watch
+
+    def _socket(self, what: int, fd: int, multi: object, data: object) -> None:
+        events = (
+            0 if what == pycurl.POLL_REMOVE else what & (CurlLoop.READ | CurlLoop.WRITE)
+        )
+        self._watch(fd, events, self)
+
+    def _timer(self, ms: int) -> None:
+        self.deadline = None if ms < 0 else time.monotonic() + ms / 1000
+
+    def close(self) -> None:
+        """Close the handle and its connection."""
+        if self.call is not None:
+            self.multi.remove_handle(self.handle)
+            self.call = None
+        self.handle.close()
+        self.multi.close()
+
+
+class CurlLoop:
+    """Forward calls from an event loop, with no thread held per call.
+
+    libcurl's multi interface runs every call on the thread that drives it:
+    the event loop owning the caller's connections. It says which sockets to
+    watch through ``watch(fd, events)`` (``events`` is 0 to stop watching,
+    else :data:`READ` and/or :data:`WRITE`); the loop reports each ready
+    socket to :meth:`ready` and calls :meth:`expire` once :attr:`deadline`
+    passes. Each call ends with its callback, on that same thread, given the
+    status or the domain error. Calls go out exactly as
+    :class:`CurlForwarder` sends them: the same options, headers, timeouts
+    and resend rule, and connections pooled the same way, each looked at
+    before it is used again. Nothing here is thread-safe: only the loop's
+    thread may touch it.
+
+    Args:
+        options: Timeouts and pool sizes.
+        watch: Called with a socket and the events to watch it for.
+    """
+
+    READ = 1
+    WRITE = 2
+
+    def __init__(
+        self, options: ForwarderOptions, watch: Callable[[int, int], None]
+    ) -> None:
+        self.options = options
+        self._watch = watch
+        # Idle slots and their upstreams, the longest idle first.
+        self._idle: collections.OrderedDict[int, tuple[str, _Slot]] = (
+            collections.OrderedDict()
+        )
+        self._busy: dict[int, tuple[str, _Slot]] = {}
+        self._owners: dict[int, _Slot] = {}
+
+    @property
+    def deadline(self) -> float | None:
+        """``time.monotonic()`` value by which :meth:`expire` is due, if any."""
+        due = [slot.deadline for _, slot in self._busy.values() if slot.deadline]
+        return min(due) if due else None
+
+    @property
+    def busy(self) -> int:
+        """Calls under way."""
+        return len(self._busy)
+
+    def start(
+        self, request: ForwardRequest, body: bytes, done: Callable[[Outcome], None]
+    ) -> None:
+        """Begin a call whose body is in hand; ``done`` gets its outcome later.
+
+        It never runs before this returns: libcurl starts the call at the
+        next :meth:`expire`, which it asks for at once.
+        """
+        upstream = _upstream_of(request.url)
+        slot = self._borrow(upstream)
+        exchange = _Exchange(
+            None,
+            head=request.method == "HEAD",
+            resendable=request.method in _IDEMPOTENT,
+        )
+        whole = None if request.body is None or exchange.head else body
+        _prepare(slot.handle, self.options, request, exchange, whole)
+        slot.call = (exchange, done)
+        self._busy[id(slot)] = (upstream, slot)
+        slot.multi.add_handle(slot.handle)
+
+    def ready(self, fd: int, events: int) -> None:
+        """Let libcurl act on a socket the loop found ready (READ and/or WRITE)."""
+        slot = self._owners.get(fd)
+        if slot is not None and slot.call is not None:
+            self._act(slot, fd, events)
+
+    def expire(self) -> None:
+        """Let libcurl act on the timers that are due (start calls, time them out)."""
+        now = time.monotonic()
+        for _, slot in list(self._busy.values()):
+            if slot.deadline is not None and slot.deadline <= now and slot.call:
+                slot.deadline = None
+                self._act(slot, pycurl.SOCKET_TIMEOUT, 0)
+
+    def close(self) -> None:
+        """Abandon every call under way and close every connection."""
+        slots = [slot for _, slot in (*self._busy.values(), *self._idle.values())]
+        self._busy.clear()
+        self._idle.clear()
+        for slot in slots:
+            self._discard(slot)
+
+    def _watch_for(self, fd: int, events: int, slot: _Slot) -> None:
+        if events:
+            self._owners[fd] = slot
+            slot.watched.add(fd)
+        else:
+            slot.watched.discard(fd)
+            if self._owners.get(fd) is slot:
+                del self._owners[fd]
+        self._watch(fd, events)
+
+    def _discard(self, slot: _Slot) -> None:
+        """Close a slot, its sockets unwatched first: their numbers are reused."""
+        for fd in list(slot.watched):
+            self._watch_for(fd, 0, slot)
+        slot.close()
+
+    def _borrow(self, upstream: str) -> _Slot:
+        for key in reversed(self._idle):
+            if self._idle[key][0] != upstream:
+                continue
+            slot = self._idle.pop(key)[1]
+            if slot.kept == -1 or _open_and_quiet(slot.kept):
+                return slot
+            self._discard(slot)
+            return _Slot(self.options, self._watch_for)
+        return _Slot(self.options, self._watch_for)
+
+    def _act(self, slot: _Slot, fd: int, events: int) -> None:
+        multi = slot.multi
+        while True:
+            code, _ = multi.socket_action(fd, events)
+            if code != pycurl.E_CALL_MULTI_PERFORM:
+                break
+        _, ended, failed = multi.info_read()
+        if ended:
+            self._end(slot, None)
+        elif failed:
+            _, code, message = failed[0]
+            self._end(slot, pycurl.error(code, message))
+
+    def _end(self, slot: _Slot, error: pycurl.error | None) -> None:
+        upstream, _ = self._busy.pop(id(slot))
+        assert slot.call is not None
+        exchange, done = slot.call
+        slot.call = None
+        slot.kept = slot.handle.getinfo(pycurl.ACTIVESOCKET)
+        slot.multi.remove_handle(slot.handle)
+        outcome: Outcome
+        try:
+            _settle(exchange, error)
+            outcome = exchange.status
+        except DaisError as exc:
+            outcome = exc
+        if error is None:
+            self._give_back(upstream, slot)
+        else:
+            self._discard(slot)
+        done(outcome)
+
+    def _give_back(self, upstream: str, slot: _Slot) -> None:
+        same = [key for key, (up, _) in self._idle.items() if up == upstream]
+        if len(same) >= self.options.pool_size:
+            self._discard(self._idle.pop(same[0])[1])
+        self._idle[id(slot)] = (upstream, slot)
+        while len(self._idle) > MAX_IDLE:
+            self._discard(self._idle.popitem(last=False)[1][1])
+
+
+def _new_handle(options: ForwarderOptions) -> pycurl.Curl:
+    """Return a libcurl handle set up for the gateway's calls."""
+    handle = pycurl.Curl()
+    settings: dict[int, Any] = {
+        pycurl.NOSIGNAL: 1,
+        # Only what the registry names: no proxy from the environment,
+        # no other protocol, no redirect, and the path exactly as checked.
+        pycurl.PROXY: "",
+        pycurl.PROTOCOLS: pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS,
+        pycurl.FOLLOWLOCATION: 0,
+        pycurl.PATH_AS_IS: 1,
+        # One connection per handle: the one _reusable() looks at.
+        pycurl.MAXCONNECTS: 1,
+        pycurl.CONNECTTIMEOUT_MS: _ms(options.connect_timeout),
+        pycurl.LOW_SPEED_LIMIT: 1,
+        pycurl.LOW_SPEED_TIME: max(1, math.ceil(options.read_timeout)),
+    }
+    for option, value in settings.items():
+        handle.setopt(option, value)
+    return handle
+
+
+def _prepare(
+    handle: pycurl.Curl,
+    options: ForwarderOptions,
+    request: ForwardRequest,
+    exchange: _Exchange,
+    whole: bytes | None,
+) -> None:
+    """Set a handle up for one call."""
+    limit = options.connect_timeout + options.read_timeout
+    sends = request.body is not None and not exchange.head and whole is None
+    handle.setopt(pycurl.URL, request.url)
+    handle.setopt(pycurl.HTTPHEADER, _header_lines(request))
+    handle.setopt(pycurl.HEADERFUNCTION, exchange.header)
+    handle.setopt(pycurl.WRITEFUNCTION, exchange.write)
+    # A handle remembers its last call: UPLOAD first, since it resets the
+    # method (to GET, where a body given whole earlier is not sent), then
+    # NOBODY (HEAD waits for no body), the whole body, then the verb.
+    handle.setopt(pycurl.UPLOAD, 1 if sends else 0)
+    handle.setopt(pycurl.NOBODY, 1 if exchange.head else 0)
+    if whole is not None:
+        handle.setopt(pycurl.POSTFIELDSIZE_LARGE, len(whole))
+        handle.setopt(pycurl.POSTFIELDS, whole)
+    handle.setopt(pycurl.CUSTOMREQUEST, request.method)
+    # An upstream may send a body after a HEAD answer anyway; those bytes
+    # would be read as the next call's answer, so the connection goes.
+    handle.setopt(pycurl.FORBID_REUSE, 1 if exchange.head else 0)
+    resendable = exchange.sent is not None
+    handle.setopt(pycurl.PREREQFUNCTION, None if resendable else exchange.once)
+    if not sends:
+        handle.setopt(pycurl.TIMEOUT_MS, _ms(limit))
+        return
+    handle.setopt(pycurl.SEEKFUNCTION, exchange.seek)
+    handle.setopt(pycurl.READFUNCTION, exchange.read)
+    # -1 (no length) makes libcurl send the body chunked.
+    length = request.content_length
+    handle.setopt(pycurl.INFILESIZE_LARGE, -1 if length is None else length)
+    handle.setopt(pycurl.TIMEOUT_MS, _ms(limit + options.body_timeout))
+
+
+def _settle(exchange: _Exchange, error: pycurl.error | None) -> None:
+    """Turn how a call ended into its outcome: return, or a domain error.
+
+    Raises:
+        DaisError: Reading the caller's body failed.
+        UpstreamUnreachable: No connection, it broke, or no answer came.
+        UpstreamTimeout: The upstream was too slow.
+    """
+    failure = exchange.failure
+    if failure is not None:
+        # Reading the caller's body failed: that is the error to report.
+        if isinstance(failure, DaisError):
+            raise failure
+        raise UpstreamUnreachable(
+            "the caller's body could not be sent upstream"
+        ) from failure
+    if error is None or exchange.answered:
+        # Done, or the answer's head was whole and only its body, which
+        # nobody reads, was cut off or failed.
+        if not exchange.answered:
+            raise UpstreamUnreachable("the upstream service sent no answer")
+        return
+    code = error.args[0]
+    if code in _TIMED_OUT:
+        raise UpstreamTimeout("the upstream service did not answer in time") from error
+    raise UpstreamUnreachable(_unreachable(code)) from error
 
 
 def _upstream_of(url: str) -> str:
@@ -389,14 +620,19 @@ def _upstream_of(url: str) -> str:
 
 
 def _reusable(handle: pycurl.Curl) -> bool:
-    """Whether the connection a handle keeps, if any, may carry another call.
+    """Whether the connection a handle keeps, if any, may carry another call."""
+    sock = handle.getinfo(pycurl.ACTIVESOCKET)
+    if sock == -1:
+        return True  # none kept: libcurl connects afresh
+    return _open_and_quiet(sock)
+
+
+def _open_and_quiet(sock: int) -> bool:
+    """Whether an idle connection's socket may carry another call.
 
     An idle connection has nothing to read: readable means the upstream
     closed or reset it, or sent bytes nobody asked for.
     """
-    sock = handle.getinfo(pycurl.ACTIVESOCKET)
-    if sock == -1:
-        return True  # none kept: libcurl connects afresh
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(sock, select.POLLIN)

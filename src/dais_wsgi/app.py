@@ -653,9 +653,16 @@ def _ready_checks(runtime: Runtime) -> dict[str, Callable[[], Any]]:
     return checks
 
 
-def create_app(runtime: Runtime) -> falcon.App[falcon.Request, falcon.Response]:
-    """Build the WSGI application over a wired runtime."""
-    metrics = Metrics(runtime)
+def create_app(
+    runtime: Runtime, metrics: Metrics | None = None
+) -> falcon.App[falcon.Request, falcon.Response]:
+    """Build the WSGI application over a wired runtime.
+
+    Args:
+        runtime: The wired gateway.
+        metrics: Where requests are counted (new ones, if not given).
+    """
+    metrics = metrics or Metrics(runtime)
     middleware: list[Any] = [
         AccessLog(metrics),
         CallerScheme(runtime.settings.trust_forwarded),

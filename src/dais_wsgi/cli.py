@@ -105,6 +105,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "gateway_in_flight": args.gateway_in_flight,
             "gateway_rate": _rate(args.gateway_rate),
             "trust_forwarded": args.trust_forwarded,
+            "gateway_lane": not args.no_gateway_lane,
             "connect_timeout": args.connect_timeout,
             "read_timeout": args.read_timeout,
             "forwarder": args.forwarder
@@ -512,6 +513,12 @@ def _parser() -> argparse.ArgumentParser:
             help="webhook calls a key may have in flight at once (0: no cap)",
         )
         command.add_argument("--trust-forwarded", action="store_true")
+        command.add_argument(
+            "--no-gateway-lane",
+            action="store_true",
+            help="forward every webhook call from a worker thread, none from "
+            "the event loop",
+        )
         command.add_argument(
             "--connect-timeout",
             type=float,

@@ -74,6 +74,11 @@ class Metrics:
             ["policy", "outcome"],
             registry=self.registry,
         )
+        self.in_loop = Counter(
+            "dais_webhook_calls_in_loop",
+            "Webhook calls forwarded from the event loop, not a worker thread",
+            registry=self.registry,
+        )
         self.upstream = Histogram(
             "dais_upstream_latency_seconds",
             "Time for an upstream service to answer a forwarded call",

@@ -15,6 +15,8 @@ from waitress.server import BaseWSGIServer, create_server
 
 from dais_wsgi.app import create_app
 from dais_wsgi.bootstrap import Runtime
+from dais_wsgi.lane import GatewayLane
+from dais_wsgi.metrics import Metrics
 from dais_wsgi.streaming import StreamingChannel
 
 __all__ = [
@@ -124,8 +126,12 @@ def make_server(runtime: Runtime, **overrides: Any) -> Any:
     if options.get("sockets"):
         # An inherited listening socket (serve --workers): no address to bind.
         del options["host"], options["port"]
-    server = create_server(create_app(runtime), **options)
+    metrics = Metrics(runtime)
+    server = create_server(create_app(runtime, metrics), **options)
     server.channel_class = StreamingChannel
+    server.dais_lane = None
+    if settings.gateway_lane and GatewayLane.fits(runtime):
+        server.dais_lane = GatewayLane(runtime, metrics, server)
     server.dais_request_timeout = settings.request_timeout
     server.dais_gateway_timeout = settings.gateway_body_timeout
     log.info("listening on http://%s:%s", settings.host, server.effective_port)
@@ -227,18 +233,25 @@ def run_until(server: Any, stopping: threading.Event, grace: float = 0.0) -> Non
     deadline = time.monotonic() + grace
     while _close_idle(server._map) and time.monotonic() < deadline:
         _loop_once(server, timeout=min(0.1, grace))
+    lane = getattr(server, "dais_lane", None)
+    if lane is not None:
+        lane.close()
     for dispatcher in list(server._map.values()):
         dispatcher.close()
     server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
 
 
 def _loop_once(server: Any, timeout: float | None = None) -> None:
+    longest = server.adj.asyncore_loop_timeout if timeout is None else timeout
+    lane = getattr(server, "dais_lane", None)
     server.asyncore.loop(
-        timeout=server.adj.asyncore_loop_timeout if timeout is None else timeout,
+        timeout=longest if lane is None else lane.timeout(longest),
         map=server._map,
         use_poll=server.adj.asyncore_use_poll,
         count=1,
     )
+    if lane is not None:
+        lane.tick()
 
 
 def _close_idle(channels: dict[int, Any]) -> int:

@@ -105,6 +105,9 @@ class Settings:
     forwarder: str = attrs.field(
         default="curl", validator=attrs.validators.in_(FORWARDERS)
     )
+    #: Forward plain webhook calls from the event loop, with no worker thread
+    #: held per call (see :mod:`dais_wsgi.lane`); needs ``forwarder`` curl.
+    gateway_lane: bool = True
     #: Seconds a verified key is cached while the store announces changes
     #: (PostgreSQL); a revocation reaches every process at once.
     key_cache_ttl: float = 5.0

@@ -715,11 +715,22 @@ class StreamingChannel(HTTPChannel):  # type: ignore[misc]
                 request.pipe.fail(
                     IncompleteBody(f"the body's framing is malformed: {said}")
                 )
-        elif not request.empty:
+        elif not request.empty and not self._lane_took(request):
             self.requests.append(request)
             if len(self.requests) == 1:
                 self.server.add_task(self)
         self.request = None
+
+    def _lane_took(self, request: StreamingParser) -> bool:
+        # Caller holds requests_lock. Only with no answer owed: answers go
+        # out in the order the requests came.
+        lane = getattr(self.server, "dais_lane", None)
+        return (
+            lane is not None
+            and not self.requests
+            and request.error is None
+            and lane.take(self, request)
+        )
 
     def invite(self, request: StreamingParser) -> None:
         """Send ``100 Continue`` if the client waits for it (from a worker)."""

@@ -403,6 +403,26 @@ class TestCache:
         now[0] = 1.5
         assert cache.load(key.id).key.revoked == 2.0
 
+    def test_cached_answers_from_memory_only(self, store):
+        """``cached`` gives a fresh entry, misses included, and never reads the store."""
+        key, _ = a_key()
+        store.add_key(key)
+        now = [0.0]
+        cache = CachedKeyStore(
+            store, BatchRecorder(store), ttl=5, degraded_ttl=1, clock=lambda: now[0]
+        )
+        assert cache.cached(key.id) is None
+        assert cache.stats.misses == 0
+        cache.load(key.id)
+        cache.load("0000000000000000")
+        found = cache.cached(key.id)
+        assert found is not None and found[0] is not None
+        assert found[0].key.id == key.id
+        assert cache.cached("0000000000000000") == (None,)
+        now[0] = 1.5
+        assert cache.cached(key.id) is None
+        assert cache.stats.misses == 2
+
     def test_the_cache_is_bounded(self, store):
         """Past max_entries the least recently used entries go."""
         cache = CachedKeyStore(store, BatchRecorder(store), max_entries=3)
@@ -511,6 +531,19 @@ class TestRegistryCache:
         assert cache.endpoints("p1") == ()
         now[0] = 1.5
         assert len(cache.endpoints("p1")) == 1
+
+    def test_cached_answers_from_memory_only(self, store):
+        """``cached`` gives a fresh list, or ``None`` without reading the store."""
+        from dais_adapters.cache import CachedRegistry
+
+        now = [0.0]
+        cache = CachedRegistry(store, ttl=5, degraded_ttl=1, clock=lambda: now[0])
+        store.add_service(ServiceEndpoint("p1", 1, "svc", "http://127.0.0.1:1"))
+        assert cache.cached("p1") is None
+        assert len(cache.endpoints("p1")) == 1
+        assert cache.cached("p1") == cache.endpoints("p1")
+        now[0] = 1.5
+        assert cache.cached("p1") is None
 
 
 class TestCommitLocks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 import urllib3
 
 from dais_adapters.hooks import plugin_manager
-from dais_core.keys import new_key
+from dais_core.errors import DaisError
+from dais_core.keys import new_key, parse_token
 from dais_core.policies import RatePolicy
 from dais_core.rules import normalise_prefix
 from dais_core.values import (
@@ -82,6 +84,25 @@ class Gateway:
 
     def add_service(self, project: str, version: int, service: str, url: str) -> None:
         self.store.add_service(ServiceEndpoint(project, version, service, url))
+
+    @property
+    def lane(self) -> Any:
+        """The event loop's lane for webhook calls, if it runs."""
+        return getattr(self.server.server, "dais_lane", None)
+
+    def warm(self, token: str | None, target: str) -> None:
+        """Read a call's key and project into the caches, as a call just did.
+
+        The event loop's lane forwards only calls whose key and services
+        the caches hold fresh (a key in use): warming before each call lets
+        a test's first call take that path.
+        """
+        with contextlib.suppress(DaisError):
+            if token:
+                self.runtime.keys.load(parse_token(token.strip())[0])
+            parts = target.split("/")
+            if target.startswith("/project-gateway/webhooks/") and len(parts) > 3:
+                self.runtime.registry.endpoints(parts[3])
 
 
 @pytest.fixture

@@ -11,12 +11,19 @@ from typing import Any
 import pytest
 import urllib3
 
-from tests.integration.conftest import Gateway
+from tests.integration.conftest import FAST, Gateway
 from tests.upstream import RawUpstream, Upstream
 
 pytestmark = pytest.mark.integration
 
 BASE = "/project-gateway/webhooks"
+
+
+@pytest.fixture(params=["lane", "worker"])
+def gateway(request: pytest.FixtureRequest, start_gateway: Any) -> Gateway:
+    """A gateway forwarding warm calls from its event loop, or every call
+    from worker threads (``gateway_lane`` off): both must behave the same."""
+    return start_gateway(**FAST, gateway_lane=request.param == "lane")
 
 
 @pytest.fixture
@@ -39,6 +46,7 @@ def call(
     **kw: object,
 ) -> urllib3.BaseHTTPResponse:
     headers = dict(kw.pop("headers", {}) or {})  # type: ignore[call-overload]
+    gateway.warm(token, path)
     if token:
         headers["Authorization"] = f"Bearer {token}"
     return http.request(method, gateway.url + path, headers=headers, **kw)  # type: ignore[arg-type]
@@ -47,6 +55,7 @@ def call(
 def raw_call(gateway: Gateway, token: str, target: str) -> tuple[int, bytes]:
     """Send a request target exactly as written, with no client-side clean-up."""
     host, port = gateway.url.removeprefix("http://").split(":")
+    gateway.warm(token, target)
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
         connection.putrequest("POST", target, skip_accept_encoding=True)
@@ -62,6 +71,12 @@ def raw_call(gateway: Gateway, token: str, target: str) -> tuple[int, bytes]:
 def exchange(gateway: Gateway, request: bytes) -> bytes:
     """Send raw bytes and read the answer until the server closes."""
     port = int(gateway.url.rsplit(":", 1)[1])
+    head = request.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    target = head[0].split(" ")[1] if head[0].count(" ") >= 2 else ""
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        if name.lower() == "authorization":
+            gateway.warm(value.strip().removeprefix("Bearer "), target)
     answer = b""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(request)
@@ -72,6 +87,7 @@ def exchange(gateway: Gateway, request: bytes) -> bytes:
 
 def post_target(gateway: Gateway, token: str, target: str, host: str = "x") -> bytes:
     """POST to a request target written as is, with no body; return the answer."""
+    gateway.warm(token, target)
     return exchange(
         gateway,
         f"POST {target} HTTP/1.1\r\nHost: {host}\r\n"
@@ -876,10 +892,16 @@ class TestReservedWorkers:
     def test_past_the_cap_a_call_is_503_and_health_still_answers(
         self, start_gateway, upstream
     ):
-        """Two keys' slow calls fill the cap; /healthz is answered at once."""
+        """Two keys' slow calls fill the cap; /healthz is answered at once.
+
+        Only calls forwarded from worker threads count: with the event
+        loop's lane off, every call is one.
+        """
         import concurrent.futures
 
-        gateway = start_gateway(threads=4, reserved_threads=2, gateway_in_flight=0)
+        gateway = start_gateway(
+            threads=4, reserved_threads=2, gateway_in_flight=0, gateway_lane=False
+        )
         gateway.add_service("p1", 1, "svc", upstream.url)
         tokens = [gateway.make_key(permissions=(("svc", "/"),))[1] for _ in range(3)]
         upstream.delay = 1.5
@@ -899,6 +921,22 @@ class TestReservedWorkers:
         assert health.status == 200
         assert waited < 1.0, waited
         assert len(upstream.calls) == 2
+
+    def test_calls_in_the_event_loop_hold_no_worker(self, start_gateway, upstream):
+        """Slow calls the lane took leave every worker free: none is 503."""
+        import concurrent.futures
+
+        gateway = start_gateway(threads=4, reserved_threads=2, gateway_in_flight=0)
+        gateway.add_service("p1", 1, "svc", upstream.url)
+        tokens = [gateway.make_key(permissions=(("svc", "/"),))[1] for _ in range(4)]
+        upstream.delay = 1.0
+        path = f"{BASE}/p1/lineage-version/1/svc/x"
+        pool = urllib3.PoolManager(retries=False, maxsize=4)
+        with concurrent.futures.ThreadPoolExecutor(4) as executor:
+            slow = [executor.submit(call, pool, gateway, t, path) for t in tokens]
+            assert [f.result().status for f in slow] == [200] * 4
+        assert gateway.lane.taken == 4
+        assert len(upstream.calls) == 4
 
     def test_quick_calls_past_the_cap_wait_their_turn(self, start_gateway, upstream):
         """More quick calls at once than the cap: each waits a moment, none is 503."""
