@@ -97,6 +97,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "host": args.host,
             "port": args.port,
             "threads": args.threads,
+            "connection_limit": args.connection_limit,
             "reserved_threads": args.reserved_threads,
             "request_timeout": args.request_timeout,
             "shutdown_grace": args.shutdown_grace,
@@ -476,6 +477,12 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--host", default=defaults.host)
         command.add_argument("--port", type=int, default=defaults.port)
         command.add_argument("--threads", type=int, default=defaults.threads)
+        command.add_argument(
+            "--connection-limit",
+            type=int,
+            default=defaults.connection_limit,
+            help="connections held open at once (default %(default)s)",
+        )
         command.add_argument(
             "--reserved-threads",
             type=int,

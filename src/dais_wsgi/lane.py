@@ -189,6 +189,7 @@ class GatewayLane:
         #: Calls the lane took.
         self.taken = 0
         self._map: dict[int, Any] = server._map
+        self._adj = server.adj
         self._keys = _WarmKeys(runtime.keys)
         self._registry = _WarmRegistry(runtime.registry)
         self._trusted = runtime.settings.trust_forwarded
@@ -229,19 +230,26 @@ class GatewayLane:
         """Abandon the calls under way (the server is stopping)."""
         for fd, dispatcher in list(self._map.items()):
             if isinstance(dispatcher, _CurlSocket):
-                del self._map[fd]
+                self._unmap(fd)
         self.curl.close()
 
     def _watch(self, fd: int, events: int) -> None:
         dispatcher = self._map.get(fd)
         if not events:
             if isinstance(dispatcher, _CurlSocket):
-                del self._map[fd]
+                self._unmap(fd)
             return
         if not isinstance(dispatcher, _CurlSocket):
             dispatcher = _CurlSocket(self, fd)
             self._map[fd] = dispatcher
+            # waitress stops taking connections once its map holds
+            # connection_limit sockets: an upstream's is not a caller's.
+            self._adj.connection_limit += 1
         dispatcher.events = events
+
+    def _unmap(self, fd: int) -> None:
+        del self._map[fd]
+        self._adj.connection_limit -= 1
 
     # -- taking a call ------------------------------------------------------
 

@@ -107,6 +107,8 @@ def make_server(runtime: Runtime, **overrides: Any) -> Any:
         "host": settings.host,
         "port": settings.port,
         "threads": settings.threads,
+        # waitress counts its own listening socket and wake-up pipe too.
+        "connection_limit": settings.connection_limit + 2,
         # The application enforces every body limit itself, answering JSON;
         # waitress' own limit only guards against absurd sizes.
         "max_request_body_size": 2**62,

@@ -60,6 +60,10 @@ class Settings:
     port: int = attrs.field(default=8080, validator=_between(0, 65535))
     #: Worker threads of the server.
     threads: int = attrs.field(default=8, validator=_between(1, 1024))
+    #: Callers' connections the server holds open at once; past it, new
+    #: ones wait in the listen backlog until one closes. Each webhook call
+    #: the event loop forwards holds one and no thread.
+    connection_limit: int = attrs.field(default=100, validator=_between(1, 100_000))
     #: Worker threads that webhook calls and uploads may never hold, so that
     #: health checks and admin calls are answered however busy the others
     #: are; past ``threads - reserved_threads`` of them at once (at least

@@ -519,6 +519,7 @@ class TestSettingsChecked:
             ("--port", "70000", "'port' must be <= 65535"),
             ("--port", "-1", "'port' must be >= 0"),
             ("--threads", "0", "'threads' must be >= 1"),
+            ("--connection-limit", "0", "'connection_limit' must be >= 1"),
             ("--upload-rate", "0", "a rate reads"),
             ("--upload-rate", "1/0", "a rate reads"),
             ("--gateway-rate", "5,burst=0", "a rate reads"),

@@ -330,6 +330,36 @@ class TestConnections:
         gateway.flush()
         assert len(upstream.calls) == 2
 
+    def test_connections_to_upstreams_leave_callers_their_limit(
+        self, start_gateway, upstream
+    ):
+        """``connection_limit`` counts callers only: a call's upstream socket is not one."""
+        upstream.delay = 0.5
+        gateway, token = start(start_gateway, upstream.url, connection_limit=2)
+        gateway.warm(token, PATH)
+        port = int(gateway.url.rsplit(":", 1)[1])
+        health = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
+        first = socket.create_connection(("127.0.0.1", port), timeout=10)
+        second = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            first.sendall(post(token))
+            time.sleep(0.2)  # the call is with the upstream
+            second.sendall(health)
+            assert second.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+                third.sendall(health)
+                third.settimeout(0.5)
+                with pytest.raises(TimeoutError):
+                    third.recv(65536)
+                assert first.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+                first.close()
+                third.settimeout(10)
+                assert third.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+        finally:
+            first.close()
+            second.close()
+        assert taken(gateway) == 1
+
 
 class TestStopping:
     """A stop drains the calls the lane took."""
