@@ -420,19 +420,30 @@ class CurlLoop:
 
         It never runs before this returns: libcurl starts the call at the
         next :meth:`expire`, which it asks for at once.
+
+        Raises:
+            UpstreamUnreachable: libcurl could not set the call up (out of
+                file descriptors, say); nothing was sent.
         """
         upstream = _upstream_of(request.url)
-        slot = self._borrow(upstream)
         exchange = _Exchange(
             None,
             head=request.method == "HEAD",
             resendable=request.method in _IDEMPOTENT,
         )
         whole = None if request.body is None or exchange.head else body
-        _prepare(slot.handle, self.options, request, exchange, whole)
+        try:
+            slot = self._borrow(upstream)
+        except pycurl.error as exc:
+            raise UpstreamUnreachable("the call could not be started") from exc
+        try:
+            _prepare(slot.handle, self.options, request, exchange, whole)
+            slot.multi.add_handle(slot.handle)
+        except pycurl.error as exc:
+            self._discard(slot)
+            raise UpstreamUnreachable("the call could not be started") from exc
         slot.call = (exchange, done)
         self._busy[id(slot)] = (upstream, slot)
-        slot.multi.add_handle(slot.handle)
 
     def ready(self, fd: int, events: int) -> None:
         """Let libcurl act on a socket the loop found ready (READ and/or WRITE)."""

@@ -293,9 +293,15 @@ class GatewayLane:
             self.curl.start(
                 forwarded, body, lambda outcome: self._answer(call, outcome)
             )
-        except Exception:
+        except BaseException as exc:
             self.runtime.gateway_in_flight.release(key_id)
-            raise
+            if not isinstance(exc, DaisError):
+                raise
+            # Not started (out of descriptors, say): the application tries
+            # it, and answers whatever comes of that.
+            if request.body_rcv is not None:
+                request.get_body_stream().seek(0)
+            return False
         call.forwarded = time.perf_counter()
         channel.requests.append(request)
         self.taken += 1

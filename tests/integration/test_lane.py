@@ -7,7 +7,9 @@ on loopback and a real upstream.
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import socket
 import threading
 import time
@@ -19,6 +21,7 @@ from dais_adapters.hooks import hookimpl
 from dais_core.policies import RatePolicy
 from dais_wsgi.server import make_server, run_until, wake
 from tests.integration.conftest import FAST, Gateway
+from tests.integration.test_cli import key_for_service, serving_process
 from tests.upstream import RawUpstream, Upstream
 
 pytestmark = pytest.mark.integration
@@ -413,3 +416,49 @@ class TestStopping:
         assert server.dais_lane.taken == 1
         assert answers and answers[0].startswith(b"HTTP/1.1 200 OK\r\n")
         assert not loop.is_alive()
+
+
+class TestOutOfDescriptors:
+    """A call the lane cannot start goes to the application, not astray."""
+
+    def test_a_call_the_lane_cannot_start_is_answered(self, tmp_path):
+        """Out of file descriptors: an answer, and the key's places given back."""
+        home = tmp_path / "home"
+        upstream = Upstream()
+        try:
+            _, token = key_for_service(home, upstream.url, prefix="/api")
+            with serving_process(home) as (line, process):
+                port = int(line.split()[3].rsplit(":", 1)[1])
+                request = post(token)
+                first = _answers(_exchange(port, request))
+                # No descriptor to spare past the caller's connection.
+                held = len(os.listdir(f"/proc/{process.pid}/fd"))
+                limit = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)
+                resource.prlimit(
+                    process.pid, resource.RLIMIT_NOFILE, (held + 1, limit[1])
+                )
+                starved = [_answers(_exchange(port, request)) for _ in range(5)]
+                resource.prlimit(process.pid, resource.RLIMIT_NOFILE, limit)
+                after = [_answers(_exchange(port, request)) for _ in range(5)]
+                metrics = _exchange(port, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
+        finally:
+            upstream.close()
+        assert first[0].startswith(b"HTTP/1.1 200 OK\r\n")
+        for answers in starved:
+            assert len(answers) == 1 and re.match(rb"HTTP/1.1 (200|502) ", answers[0])
+        # Five starved calls left no place taken: the key's cap is four.
+        assert all(a[0].startswith(b"HTTP/1.1 200 OK\r\n") for a in after)
+        assert b"dais_webhook_calls_in_loop_total" in metrics
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """Send one request on a new connection; read its whole answer."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        while not _answers(received):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    return received
