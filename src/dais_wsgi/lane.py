@@ -279,7 +279,8 @@ class GatewayLane:
             gateway_call.service,
             gateway_call.route,
             route.endpoint.lineage_version,
-            len(body),
+            # A HEAD's body is never sent (nor read, by the application).
+            0 if request.command == "HEAD" else len(body),
             started,
         )
         forwarded = ForwardRequest(
@@ -463,6 +464,9 @@ class GatewayLane:
                 channel.requests = []
             elif channel.requests:
                 channel.server.add_task(channel)
+            elif _waits_to_continue(channel):
+                # As waitress does once the answers owed are out.
+                channel.send_continue()
         channel.last_activity = time.time()
         self.metrics.requests.labels("gateway", str(status)).inc()
         log.info(
@@ -496,6 +500,18 @@ class GatewayLane:
             errors_log.warning(
                 "could not record forward %s: %s", record.request_id, exc
             )
+
+
+def _waits_to_continue(channel: Any) -> bool:
+    """Whether a request read after the call waits for ``100 Continue``."""
+    waiting = channel.request
+    return bool(
+        channel.connected
+        and waiting is not None
+        and waiting.expect_continue
+        and waiting.headers_finished
+        and not channel.sent_continue
+    )
 
 
 def _request_id(headers: dict[str, str]) -> str:

@@ -238,6 +238,25 @@ class TestSameAnswers:
         assert sent[0] == sent[1]
         assert "cookie" not in sent[0] and "x-hop" not in sent[0]
 
+    @pytest.mark.parametrize("method", ["POST", "HEAD"])
+    def test_the_record(self, start_gateway, upstream, method):
+        """The forward record is the application's, a HEAD's unsent body included."""
+        records = []
+        for lane in (True, False):
+            gateway, token = start(start_gateway, upstream.url, gateway_lane=lane)
+            gateway.warm(token, PATH)
+            request = post(token, b"abcde").replace(b"POST", method.encode(), 1)
+            assert send(gateway, request).startswith(b"HTTP/1.1 200 OK\r\n")
+            gateway.flush()
+            key_id = token.split("_")[1]
+            (record,) = gateway.store.forwards(key_id)
+            records.append(record)
+        for record in records:
+            for varying in ("key_id", "latency", "at"):
+                record.pop(varying, None)
+        assert records[0] == records[1]
+        assert records[0]["bytes_in"] == (5 if method == "POST" else 0)
+
     def test_an_unreachable_upstream(self, start_gateway):
         """502 with the same JSON body."""
         with socket.socket() as sock:
@@ -301,6 +320,32 @@ class TestConnections:
         ids = [re.search(rb"X-Request-Id: ([^\r]+)", a).group(1) for a in answers]
         assert ids == [b"id-0", b"id-1", b"id-2"]
         assert [call.headers["x-n"] for call in upstream.calls] == ["0", "1", "2"]
+
+    def test_a_request_waiting_to_continue_is_invited_after_the_call(
+        self, start_gateway, upstream
+    ):
+        """``Expect: 100-continue`` behind a call the lane took gets its 100."""
+        upstream.delay = 0.3
+        gateway, token = start(start_gateway, upstream.url)
+        gateway.warm(token, PATH)
+        port = int(gateway.url.rsplit(":", 1)[1])
+        waiting = (
+            b"POST /admin/v1/keys HTTP/1.1\r\nHost: gw\r\nContent-Type: "
+            b"application/json\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(post(token) + waiting)
+            received = b""
+            while b"100 Continue" not in received:
+                chunk = sock.recv(65536)
+                assert chunk, received
+                received += chunk
+            sock.sendall(b"{}")
+            while not received.endswith(b"}"):
+                received += sock.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 401 " in received
+        assert taken(gateway) == 1
 
     def test_a_connection_carries_call_after_call(self, start_gateway, upstream):
         """Ten calls, one after the other, on one kept connection."""
