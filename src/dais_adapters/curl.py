@@ -408,11 +408,6 @@ class CurlLoop:
         due = [slot.deadline for _, slot in self._busy.values() if slot.deadline]
         return min(due) if due else None
 
-    @property
-    def busy(self) -> int:
-        """Calls under way."""
-        return len(self._busy)
-
     def start(
         self, request: ForwardRequest, body: bytes, done: Callable[[Outcome], None]
     ) -> None:

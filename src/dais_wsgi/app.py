@@ -58,7 +58,7 @@ from dais_wsgi.bodies import strict_json
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.metrics import Health, Metrics, MetricsResource, Readiness
 
-__all__ = ["UPLOAD_PREFIX", "create_app"]
+__all__ = ["UPLOAD_PREFIX", "caller_scheme", "create_app", "log_request"]
 
 #: Codes of Falcon's own errors (a bad query parameter, an unrouted path),
 #: the same as the domain errors' of the same status.
@@ -213,13 +213,24 @@ class CallerScheme:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Set ``req.context.scheme``."""
-        scheme = req.scheme
-        if self.trusted:
-            claimed = req.get_header("X-Forwarded-Proto") or ""
-            last = claimed.rpartition(",")[2].strip().lower()
-            if last in {"http", "https"}:
-                scheme = last
-        req.context.scheme = scheme
+        req.context.scheme = caller_scheme(
+            req.scheme, req.get_header("X-Forwarded-Proto"), self.trusted
+        )
+
+
+def caller_scheme(own: str, forwarded_proto: str | None, trusted: bool) -> str:
+    """Return how the caller reached the gateway (see :class:`CallerScheme`).
+
+    Args:
+        own: The connection's own scheme.
+        forwarded_proto: The request's ``X-Forwarded-Proto``, if any.
+        trusted: Whether a proxy in front sets that header.
+    """
+    if trusted:
+        last = (forwarded_proto or "").rpartition(",")[2].strip().lower()
+        if last in {"http", "https"}:
+            return last
+    return own
 
 
 class AccessLog:
@@ -248,16 +259,47 @@ class AccessLog:
     ) -> None:
         status = str(resp.status)[:3]
         self.metrics.requests.labels(req.context.template, status).inc()
-        log.info(
-            "%s %s %s %d %.1fms key=%s id=%s",
+        log_request(
             req.method,
             req.context.template,
             status,
             req.content_length or 0,
-            (time.perf_counter() - req.context.started) * 1000,
+            req.context.started,
             req.context.key_id,
             req.context.request_id,
         )
+
+
+def log_request(
+    method: str,
+    template: str,
+    status: str,
+    length: int,
+    started: float,
+    key_id: str,
+    request_id: str,
+) -> None:
+    """Write a request's one access log line.
+
+    Args:
+        method: The request's method.
+        template: The endpoint (``gateway``, ``upload``, a route template).
+        status: The status answered, three digits.
+        length: The request body's declared length.
+        started: ``time.perf_counter()`` when the request was read.
+        key_id: The verified key's id, or ``-``.
+        request_id: The request's id.
+    """
+    log.info(
+        "%s %s %s %d %.1fms key=%s id=%s",
+        method,
+        template,
+        status,
+        length,
+        (time.perf_counter() - started) * 1000,
+        key_id,
+        request_id,
+    )
 
 
 def _expected_digest(req: falcon.Request) -> str | None:

@@ -61,12 +61,12 @@ from dais_core.values import (
     PublishRecord,
     ServiceEndpoint,
 )
+from dais_wsgi.app import caller_scheme, log_request
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.metrics import Metrics
 
 __all__ = ["GatewayLane"]
 
-log = logging.getLogger("dais.access")
 errors_log = logging.getLogger("dais.errors")
 
 WEBHOOKS_PATH = "/project-gateway/webhooks/"
@@ -290,23 +290,29 @@ class GatewayLane:
             io.BytesIO(body) if body else None,
             len(body) or None,
         )
+        if not self._start(call, forwarded, body):
+            return False
+        channel.requests.append(request)
+        self.taken += 1
+        self.metrics.in_loop.inc()
+        return True
+
+    def _start(self, call: _Call, forwarded: ForwardRequest, body: bytes) -> bool:
+        """Hand the call to libcurl; ``False`` if it could not be set up."""
         try:
             self.curl.start(
                 forwarded, body, lambda outcome: self._answer(call, outcome)
             )
         except BaseException as exc:
-            self.runtime.gateway_in_flight.release(key_id)
+            self.runtime.gateway_in_flight.release(call.key_id)
             if not isinstance(exc, DaisError):
                 raise
             # Not started (out of descriptors, say): the application tries
             # it, and answers whatever comes of that.
-            if request.body_rcv is not None:
-                request.get_body_stream().seek(0)
+            if call.request.body_rcv is not None:
+                call.request.get_body_stream().seek(0)
             return False
         call.forwarded = time.perf_counter()
-        channel.requests.append(request)
-        self.taken += 1
-        self.metrics.in_loop.inc()
         return True
 
     def _decide(self, request: Any) -> tuple[str, GatewayCall, Route] | None:
@@ -366,7 +372,9 @@ class GatewayLane:
         return upstream_headers(
             caller,
             client=channel.addr[0] if channel.addr else "",
-            proto=self._scheme(headers),
+            proto=caller_scheme(
+                self.url_scheme, _header(headers, "X_FORWARDED_PROTO"), self._trusted
+            ),
             host=_header(headers, "HOST") or "",
             request_id=call.request_id,
             key_id=call.key_id,
@@ -375,15 +383,6 @@ class GatewayLane:
                 _header(headers, "X_FORWARDED_FOR") if self._trusted else None
             ),
         )
-
-    def _scheme(self, headers: dict[str, str]) -> str:
-        scheme = str(self.url_scheme)
-        if self._trusted:
-            claimed = headers.get("X_FORWARDED_PROTO") or ""
-            last = claimed.rpartition(",")[2].strip().lower()
-            if last in {"http", "https"}:
-                scheme = last
-        return scheme
 
     # -- answering ----------------------------------------------------------
 
@@ -469,13 +468,12 @@ class GatewayLane:
                 channel.send_continue()
         channel.last_activity = time.time()
         self.metrics.requests.labels("gateway", str(status)).inc()
-        log.info(
-            "%s %s %s %d %.1fms key=%s id=%s",
+        log_request(
             request.command,
             "gateway",
-            status,
+            str(status),
             request.content_length or 0,
-            (time.perf_counter() - call.started) * 1000,
+            call.started,
             call.key_id,
             call.request_id,
         )
