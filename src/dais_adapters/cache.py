@@ -92,6 +92,9 @@ class CachedKeyStore:
         self._entries: collections.OrderedDict[str, tuple[float, Credential | None]] = (
             collections.OrderedDict()
         )
+        # Counts what was forgotten: a store read that a change overtook
+        # (the change announced while the read was under way) is not kept.
+        self._changes = 0
 
     def load(self, key_id: str) -> Credential | None:
         """Return the credential of ``key_id``, from memory when fresh."""
@@ -103,9 +106,12 @@ class CachedKeyStore:
                 self.stats.hits += 1
                 return entry[1]
             self.stats.misses += 1
+            changes = self._changes
         found = self.store.load(key_id)
         ttl = self.ttl if self.notified else self.degraded_ttl
         with self._lock:
+            if changes != self._changes:
+                return found
             self._entries[key_id] = (now + ttl, found)
             self._entries.move_to_end(key_id)
             while len(self._entries) > self.max_entries:
@@ -131,12 +137,14 @@ class CachedKeyStore:
         """Forget one key (it changed somewhere); the store is told ids only."""
         with self._lock:
             self._entries.pop(key_id, None)
+            self._changes += 1
             self.stats.invalidations += 1
 
     def clear(self) -> None:
         """Forget every key (changes may have been missed)."""
         with self._lock:
             self._entries.clear()
+            self._changes += 1
 
     def notifications(self, flowing: bool) -> None:
         """Say whether change notifications reach this cache."""
@@ -177,18 +185,22 @@ class CachedRegistry:
         self.clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[float, Sequence[ServiceEndpoint]]] = {}
+        self._changes = 0
 
     def endpoints(self, project: str) -> Sequence[ServiceEndpoint]:
         """Return every endpoint of a project, from memory when fresh."""
         now = self.clock()
         with self._lock:
             entry = self._entries.get(project)
+            changes = self._changes
         if entry is not None and entry[0] > now:
             return entry[1]
         found = tuple(self.registry.endpoints(project))
         ttl = self.ttl if self.notified else self.degraded_ttl
         with self._lock:
-            self._entries[project] = (now + ttl, found)
+            # Not kept if a change was announced while the read was under way.
+            if changes == self._changes:
+                self._entries[project] = (now + ttl, found)
         return found
 
     def cached(self, project: str) -> Sequence[ServiceEndpoint] | None:
@@ -206,12 +218,14 @@ class CachedRegistry:
         """Forget one project's endpoints."""
         with self._lock:
             self._entries.pop(project, None)
+            self._changes += 1
 
     def notifications(self, flowing: bool) -> None:
         """Say whether change notifications reach this cache."""
         self.notified = flowing
         with self._lock:
             self._entries.clear()
+            self._changes += 1
 
 
 class BatchWriter(Protocol):

@@ -403,6 +403,28 @@ class TestCache:
         now[0] = 1.5
         assert cache.load(key.id).key.revoked == 2.0
 
+    def test_a_change_announced_during_a_read_is_not_overtaken(self, store):
+        """A key revoked while the cache reads it is read again next time."""
+        key, _ = a_key()
+        store.add_key(key)
+
+        class RevokedWhileRead:
+            """The store, with the key revoked and announced mid-read."""
+
+            def load(self, key_id: str) -> Any:
+                found = store.load(key_id)
+                store.revoke(key_id, 1.0)
+                cache.invalidate(key_id)
+                return found
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(store, name)
+
+        cache = CachedKeyStore(RevokedWhileRead(), BatchRecorder(store), ttl=60)
+        assert cache.load(key.id).key.revoked is None
+        cache.store = store
+        assert cache.load(key.id).key.revoked == 1.0
+
     def test_cached_answers_from_memory_only(self, store):
         """``cached`` gives a fresh entry, misses included, and never reads the store."""
         key, _ = a_key()
@@ -531,6 +553,26 @@ class TestRegistryCache:
         assert cache.endpoints("p1") == ()
         now[0] = 1.5
         assert len(cache.endpoints("p1")) == 1
+
+    def test_a_change_announced_during_a_read_is_not_overtaken(self, store):
+        """A service removed while the cache reads it is read again next time."""
+        from dais_adapters.cache import CachedRegistry
+
+        store.add_service(ServiceEndpoint("p1", 1, "svc", "http://127.0.0.1:1"))
+
+        class RemovedWhileRead:
+            """The registry, with the service removed and announced mid-read."""
+
+            def endpoints(self, project: str) -> Any:
+                found = store.endpoints(project)
+                store.remove_service(project, 1, "svc")
+                cache.invalidate(project)
+                return found
+
+        cache = CachedRegistry(RemovedWhileRead(), ttl=60, degraded_ttl=60)
+        assert len(cache.endpoints("p1")) == 1
+        cache.registry = store
+        assert cache.endpoints("p1") == ()
 
     def test_cached_answers_from_memory_only(self, store):
         """``cached`` gives a fresh list, or ``None`` without reading the store."""
