@@ -254,7 +254,7 @@ class CurlForwarder:
                 head=request.method == "HEAD",
                 resendable=request.method in _IDEMPOTENT,
             )
-            self._prepare(handle, request, exchange, whole)
+            _prepare(handle, self.options, request, exchange, whole)
             self._perform(handle, exchange)
         except BaseException:
             handle.close()
@@ -300,15 +300,6 @@ class CurlForwarder:
                 evicted.append(self._idle.popitem(last=False)[1][1])
         for extra in evicted:
             extra.close()
-
-    def _prepare(
-        self,
-        handle: pycurl.Curl,
-        request: ForwardRequest,
-        exchange: _Exchange,
-        whole: bytes | None,
-    ) -> None:
-        _prepare(handle, self.options, request, exchange, whole)
 
     def _perform(self, handle: pycurl.Curl, exchange: _Exchange) -> None:
         try:

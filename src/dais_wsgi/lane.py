@@ -64,6 +64,7 @@ from dais_core.values import (
 from dais_wsgi.app import caller_scheme, log_request
 from dais_wsgi.bootstrap import Runtime
 from dais_wsgi.metrics import Metrics
+from dais_wsgi.streaming import asks_to_close
 
 __all__ = ["GatewayLane"]
 
@@ -165,6 +166,8 @@ class _Call:
     #: ``time.perf_counter()`` values: the call read, and sent upstream.
     started: float
     forwarded: float = 0.0
+    #: The caller asked to close the connection after the answer.
+    closing: bool = False
 
 
 class GatewayLane:
@@ -282,6 +285,7 @@ class GatewayLane:
             # A HEAD's body is never sent (nor read, by the application).
             0 if request.command == "HEAD" else len(body),
             started,
+            closing=asks_to_close(request.headers.get("CONNECTION", "")),
         )
         forwarded = ForwardRequest(
             request.command,
@@ -438,7 +442,7 @@ class GatewayLane:
                 headers.append(("Content-Type", "application/json"))
         headers.append(("Date", build_http_date(time.time())))
         headers.append(("Server", self.ident))
-        if _asks_to_close(call.request.headers.get("CONNECTION", "")):
+        if call.closing:
             headers.append(("Connection", "close"))
         headers.sort()
         lines = [f"HTTP/1.1 {falcon.code_to_http_status(status)}"]
@@ -447,7 +451,7 @@ class GatewayLane:
 
     def _send(self, call: _Call, status: int, data: bytes) -> None:
         channel, request = call.channel, call.request
-        closing = _asks_to_close(request.headers.get("CONNECTION", ""))
+        closing = call.closing
         try:
             channel.write_soon(data)
         except ClientDisconnected:  # the client left: nothing to write to
@@ -524,7 +528,3 @@ def _header(headers: dict[str, str], name: str) -> str | None:
     """A request header as the application reads it: stripped, or ``None``."""
     value = headers.get(name)
     return None if value is None else value.strip()
-
-
-def _asks_to_close(connection: str) -> bool:
-    return "close" in (option.strip().lower() for option in connection.split(","))

@@ -56,6 +56,7 @@ __all__ = [
     "KeepAliveTask",
     "StreamingChannel",
     "StreamingParser",
+    "asks_to_close",
 ]
 
 #: Bytes a pipe holds before the event loop stops reading the socket.
@@ -555,7 +556,7 @@ class KeepAliveTask(WSGITask):  # type: ignore[misc]
             # Before the answer can be flushed: see StreamingChannel.handle_close.
             self.channel.linger_pending = True
             self.set_close_on_finish()
-        if _asks_to_close(request.headers.get("CONNECTION", "")):
+        if asks_to_close(request.headers.get("CONNECTION", "")):
             # waitress closes for "close" alone; RFC 9112, section 9.6, for
             # a "close" option anywhere in the list ("close, x-trace").
             self.set_close_on_finish()
@@ -583,7 +584,7 @@ def _body_unfinished(request: Any) -> bool:
     )
 
 
-def _asks_to_close(connection: str) -> bool:
+def asks_to_close(connection: str) -> bool:
     """Whether a ``Connection`` header's options include ``close``."""
     return "close" in (option.strip().lower() for option in connection.split(","))
 
